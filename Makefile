@@ -1,0 +1,40 @@
+# Every target installs what it needs into .venv first (CPU torch 2.13.0 here; the same pin
+# pulls the CUDA build on a GPU box). torchattacks is installed with --no-deps: its metadata
+# requires torchvision, which it does not import and which has no CPU wheel.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+SUITE ?= suites/cifar10.toml
+DB ?= results.db
+DATA_DIR ?=
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install test demo bench report clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps torchattacks==3.5.1
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(PY) -m bench run --suite suites/demo.toml --db $(DB)
+
+bench: install
+	$(PY) -m bench run --suite $(SUITE) --db $(DB) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+
+report: install
+	$(PY) -m bench report --db $(DB)
+
+# Removes what is cheap to rebuild (report, virtualenv, caches). results.db and checkpoints/
+# hold hours of training and evaluation: delete them by hand if you mean to.
+clean:
+	rm -rf reports $(VENV) .pytest_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

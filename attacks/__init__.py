@@ -1,0 +1,3 @@
+"""Attacks, one file per family; importing this package registers them all."""
+
+from attacks import fgsm, mim, pgd  # noqa: F401

@@ -1,0 +1,197 @@
+"""Command line: `python -m bench list | train | eval | run | report`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from bench.errors import BenchError
+
+DEFAULT_ATTACKS = ("fgsm", "pgd20=pgd:steps=20", "pgd100=pgd:steps=100", "pgd_cw=pgd:loss=cw,steps=30", "mim")
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BenchError(f"unknown device {name!r}; accepted: cpu, cuda, cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda was asked for, but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
+    p.add_argument("--db", default="results.db", help="SQLite file or SQLAlchemy URL (default: results.db)")
+    if data:
+        p.add_argument("--data-dir", default=None, help="folder holding dataset files (offline use)")
+        p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+        p.add_argument("--force", action="store_true", help="redo work that is already stored")
+
+
+def parse_attack(text: str):
+    """`LABEL=NAME:key=value,key=value`, `NAME:key=value` or `NAME`."""
+    from bench.config import parse_assignments
+    from bench.evaluation import AttackSpec
+
+    label, sep, rest = text.partition("=")
+    if not sep or ":" in label:
+        label, rest = text.split(":", 1)[0], text
+    name, _, args = rest.partition(":")
+    return AttackSpec(label.strip(), name.strip(), parse_assignments([a for a in args.split(",") if a]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bench", description="Train and evaluate adversarial-training defenses; "
+                                     "store per-sample results in SQLite; render a static HTML leaderboard.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="list registered defenses, attacks, models and datasets")
+    p.add_argument("kind", nargs="?", choices=["defenses", "attacks", "models", "datasets"])
+
+    p = sub.add_parser("train", help="train one defense")
+    p.add_argument("--defense", required=True)
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--model", default="small_cnn")
+    p.add_argument("--norm", default=None, help="Linf or L2 (default: the dataset's)")
+    p.add_argument("--eps", default=None, help="training eps, a number or a fraction like 8/255 (default: the dataset's)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label", default=None)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="defense parameter (repeatable)")
+    p.add_argument("--train", action="append", metavar="KEY=VALUE", help="training parameter, e.g. lr=0.05 (repeatable)")
+    p.add_argument("--model-param", action="append", metavar="KEY=VALUE", help="model parameter (repeatable)")
+    p.add_argument("--checkpoints", default="checkpoints", help="checkpoint folder (default: checkpoints)")
+    _common(p)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint with attacks")
+    p.add_argument("checkpoint")
+    p.add_argument("--attack", action="append", metavar="[LABEL=]NAME[:k=v,...]",
+                   help=f"attack to run (repeatable; default: {' '.join(DEFAULT_ATTACKS)}); norm and eps default to the checkpoint's")
+    p.add_argument("--n-samples", type=int, default=None, help="size of the fixed evaluation subset (default: whole test set)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256)
+    _common(p)
+
+    p = sub.add_parser("run", help="train and evaluate a suite, then render the report")
+    p.add_argument("--suite", required=True, help="suite TOML file, e.g. suites/demo.toml")
+    p.add_argument("--checkpoints", default="checkpoints")
+    p.add_argument("--reports", default="reports", help="report folder (default: reports)")
+    p.add_argument("--no-report", action="store_true")
+    _common(p)
+
+    p = sub.add_parser("report", help="render the HTML leaderboard from the store")
+    p.add_argument("--out", default="reports")
+    _common(p, data=False)
+    return parser
+
+
+def cmd_list(args) -> None:
+    from bench.attack import load_attacks
+    from bench.data import DATASETS
+    from bench.defense import load_defenses
+    from bench.models import MODELS
+
+    registries = {"defenses": load_defenses(), "attacks": load_attacks(), "models": MODELS, "datasets": DATASETS}
+    for kind, registry in registries.items():
+        if args.kind in (None, kind):
+            print(f"{kind}: {', '.join(registry.names())}")
+
+
+def cmd_train(args) -> None:
+    from bench.config import parse_assignments
+    from bench.data import load_dataset
+    from bench.store import Store
+    from bench.threat import ThreatModel, parse_eps
+    from bench.trainer import RunSpec, build_train_config, train
+
+    data = load_dataset(args.dataset, data_dir=args.data_dir)
+    norm = args.norm or data.default_threat.norm
+    eps = parse_eps(args.eps, "--eps") if args.eps is not None else data.default_threat.eps
+    train_params = parse_assignments(args.train)
+    if args.epochs is not None:
+        train_params["epochs"] = args.epochs
+    spec = RunSpec(defense=args.defense, dataset=args.dataset, model=args.model, threat=ThreatModel(norm, eps),
+                   train=build_train_config(train_params), defense_params=parse_assignments(args.set),
+                   model_params=parse_assignments(args.model_param), seed=args.seed, label=args.label or args.defense)
+    spec.canonical()
+    result = train(spec, data, store=Store(args.db), checkpoint_root=args.checkpoints, device=_device(args.device),
+                   force=args.force)
+    state = "trained" if result.trained_now else "already trained (use --force to retrain)"
+    print(f"run {result.run_id} {state}: checkpoints in {result.directory}/ (best.pt, last.pt)")
+
+
+def cmd_eval(args) -> None:
+    from bench.checkpoint import load_model
+    from bench.data import load_dataset
+    from bench.evaluation import evaluate_checkpoint, worst_case
+    from bench.store import Store
+
+    _, meta = load_model(args.checkpoint)
+    specs = [parse_attack(a) for a in (args.attack or DEFAULT_ATTACKS)]
+    for spec in specs:
+        spec.params.setdefault("norm", meta["norm"])
+        spec.params.setdefault("eps", meta["eps"] if spec.params["norm"] == meta["norm"] else None)
+        if spec.params["eps"] is None:
+            raise BenchError(f"attack {spec.label!r} uses {spec.params['norm']} but the checkpoint was trained for "
+                             f"{meta['norm']}: give its eps, e.g. {spec.attack}:norm=\"L2\",eps=0.5")
+        spec.build()
+    data = load_dataset(meta["dataset"], data_dir=args.data_dir, **meta.get("dataset_options", {}))
+    store = Store(args.db)
+    print(f"evaluating {args.checkpoint} ({meta['dataset']}, trained for {meta['norm']} eps={meta['eps']:g})")
+    outcomes = evaluate_checkpoint(store, args.checkpoint, data, specs, n_samples=args.n_samples, seed=args.seed,
+                                   batch_size=args.batch_size, device=_device(args.device), force=args.force)
+    acc, n = worst_case(store, [o.evaluation_id for o in outcomes])
+    print(f"  {'worst case':<12} {acc:7.2%}  (per-sample AND over {len(outcomes)} evaluations, n={n})")
+
+
+def cmd_run(args) -> None:
+    from bench.report import render_report
+    from bench.store import Store
+    from bench.suite import load_suite, run_suite
+
+    suite = load_suite(args.suite)
+    store = Store(args.db)
+    summary = run_suite(suite, store=store, data_dir=args.data_dir, checkpoint_root=args.checkpoints,
+                        device=_device(args.device), force=args.force)
+    if summary.did_work:
+        print(f"[{suite.name}] trained {summary.trained} run(s), ran {summary.evaluated} evaluation(s); "
+              f"{summary.runs_cached} run(s) and {summary.evaluations_cached} evaluation(s) were already stored")
+    else:
+        print(f"[{suite.name}] nothing to do: all {summary.runs_cached} runs and {summary.evaluations_cached} "
+              f"evaluations are already in {args.db} (use --force to redo them)")
+    if not args.no_report:
+        index = render_report(store, args.reports)
+        print(f"report: {Path(index).resolve()}")
+
+
+def cmd_report(args) -> None:
+    from bench.report import render_report
+    from bench.store import Store
+
+    if "://" not in args.db and not os.path.exists(args.db):
+        raise BenchError(f"database {args.db!r} does not exist; run a suite first (python -m bench run --suite suites/demo.toml)")
+    index = render_report(Store(args.db), args.out)
+    print(f"report: {Path(index).resolve()}")
+
+
+COMMANDS = {"list": cmd_list, "train": cmd_train, "eval": cmd_eval, "run": cmd_run, "report": cmd_report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished epochs and evaluations are saved; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,90 @@
+"""Hyper-parameter dataclasses built from user input (CLI, suites) with clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any
+
+from bench.errors import BenchError
+
+
+def build_config(cls: type, params: dict[str, Any], owner: str):
+    """Instantiate dataclass `cls` from `params`; unknown keys and wrong types are BenchErrors.
+
+    `owner` names what the parameters belong to, e.g. "defense 'trades'".
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in params.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise BenchError(f"unknown parameter {key!r} for {owner}.{hint} Accepted: {', '.join(fields) or 'none'}")
+        values[key] = _coerce(value, hints[key], f"{owner} parameter {key!r}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise BenchError(f"bad parameters for {owner}: {exc}") from None
+
+
+def _coerce(value: Any, hint: Any, what: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], what) if len(inner) == 1 else value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise BenchError(f"{what} must be a list, got {value!r}")
+        inner = args[0] if args else Any
+        return origin(_coerce(v, inner, what) for v in value)
+    if hint is float:
+        return parse_number(value, what)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise BenchError(f"{what} must be an integer, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise BenchError(f"{what} must be true or false, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise BenchError(f"{what} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def parse_number(value: Any, what: str) -> float:
+    """A number, or a fraction string such as "8/255"."""
+    if isinstance(value, str):
+        num, sep, den = value.partition("/")
+        try:
+            return float(num) / float(den) if sep else float(num)
+        except (ValueError, ZeroDivisionError):
+            pass
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise BenchError(f"{what} must be a number or a fraction like \"8/255\", got {value!r}")
+
+
+def parse_assignments(items: list[str] | None) -> dict[str, Any]:
+    """Parse CLI `key=value` pairs; values are read as TOML scalars (numbers, booleans, strings)."""
+    import tomllib
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise BenchError(f"expected key=value, got {item!r}")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = raw
+    return out

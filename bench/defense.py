@@ -1,0 +1,77 @@
+"""Defense base class, training context and registry. Defenses live in the `defenses`
+package, one file each; the shared trainer (bench.trainer) calls their hooks."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+
+from bench.config import build_config
+from bench.registry import Registry
+from bench.threat import ThreatModel
+
+
+@dataclass
+class TrainContext:
+    """What the trainer tells a defense. `epoch` counts from 1."""
+
+    threat: ThreatModel
+    num_classes: int
+    epochs: int
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+    steps_per_epoch: int
+    epoch: int = 1
+    step: int = 0
+
+
+class Defense:
+    """A training method. Subclasses define `Config` (a frozen dataclass whose defaults are
+    the paper's) and `training_step`; `setup` and `on_epoch_start` are optional hooks.
+
+    The trainer puts the model in train mode before each step, calls `training_step`,
+    and back-propagates the returned scalar loss. A defense that needs the model in eval
+    mode for its inner maximization switches it and switches back.
+    """
+
+    Config: ClassVar[type]
+    name: ClassVar[str]
+    # validation accuracy that picks best.pt: "robust" (early stopping, Rice et al. 2020) or "clean"
+    selection_metric: ClassVar[str] = "robust"
+
+    def __init__(self, **params):
+        self.config = build_config(self.Config, params, f"defense {self.name!r}")
+
+    def params(self) -> dict:
+        return dataclasses.asdict(self.config)
+
+    def setup(self, model: nn.Module, ctx: TrainContext) -> None:
+        """Build extra networks or state (teacher, discriminators)."""
+
+    def on_epoch_start(self, epoch: int, ctx: TrainContext) -> None:
+        """Update schedules (curriculum weights, eps ramps, phases)."""
+
+    def training_step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: TrainContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """Extra state to checkpoint (tensors, numbers, strings, containers of them)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+DEFENSES: Registry[type[Defense]] = Registry("defense", base=Defense)
+register_defense = DEFENSES.register
+
+
+def load_defenses() -> Registry[type[Defense]]:
+    """Import the `defenses` package so every defense registers itself."""
+    import defenses  # noqa: F401
+
+    return DEFENSES
