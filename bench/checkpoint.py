@@ -55,12 +55,15 @@ def safe_load(path: str | Path, expected_format: str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise BenchError(f"checkpoint {str(path)!r} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise BenchError(f"checkpoint {str(path)!r} is corrupted or not a PyTorch file (torch.save writes a zip archive)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        lines = [line.strip() for line in str(exc).splitlines() if "Unsupported" in line or "WeightsUnpickler" in line]
+        reason = lines[0] if lines else exc.__class__.__name__
         raise BenchError(f"refusing to load {str(path)!r}: it holds Python objects that safe loading "
-                         f"(weights_only=True) will not run ({first[:160]})") from None
+                         f"(weights_only=True) will not run ({reason[:200]})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise BenchError(f"checkpoint {str(path)!r} is corrupted or not a PyTorch file "
                          f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})") from None

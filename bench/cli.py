@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="defense parameter (repeatable)")
     p.add_argument("--train", action="append", metavar="KEY=VALUE", help="training parameter, e.g. lr=0.05 (repeatable)")
     p.add_argument("--model-param", action="append", metavar="KEY=VALUE", help="model parameter (repeatable)")
+    p.add_argument("--dataset-option", action="append", metavar="KEY=VALUE",
+                   help="dataset option, e.g. n_train=512 for synthetic (repeatable)")
     p.add_argument("--checkpoints", default="checkpoints", help="checkpoint folder (default: checkpoints)")
     _common(p)
 
@@ -110,7 +112,8 @@ def cmd_train(args) -> None:
     from bench.threat import ThreatModel, parse_eps
     from bench.trainer import RunSpec, build_train_config, train
 
-    data = load_dataset(args.dataset, data_dir=args.data_dir)
+    dataset_options = parse_assignments(args.dataset_option)
+    data = load_dataset(args.dataset, data_dir=args.data_dir, **dataset_options)
     norm = args.norm or data.default_threat.norm
     eps = parse_eps(args.eps, "--eps") if args.eps is not None else data.default_threat.eps
     train_params = parse_assignments(args.train)
@@ -118,7 +121,8 @@ def cmd_train(args) -> None:
         train_params["epochs"] = args.epochs
     spec = RunSpec(defense=args.defense, dataset=args.dataset, model=args.model, threat=ThreatModel(norm, eps),
                    train=build_train_config(train_params), defense_params=parse_assignments(args.set),
-                   model_params=parse_assignments(args.model_param), seed=args.seed, label=args.label or args.defense)
+                   model_params=parse_assignments(args.model_param), dataset_options=dataset_options, seed=args.seed,
+                   label=args.label or args.defense)
     spec.canonical()
     result = train(spec, data, store=Store(args.db), checkpoint_root=args.checkpoints, device=_device(args.device),
                    force=args.force)
@@ -153,12 +157,13 @@ def cmd_eval(args) -> None:
 def cmd_run(args) -> None:
     from bench.report import render_report
     from bench.store import Store
-    from bench.suite import load_suite, run_suite
+    from bench.suite import load_suite, load_suite_data, run_suite
 
     suite = load_suite(args.suite)
-    store = Store(args.db)
-    summary = run_suite(suite, store=store, data_dir=args.data_dir, checkpoint_root=args.checkpoints,
-                        device=_device(args.device), force=args.force)
+    device = _device(args.device)
+    data = load_suite_data(suite, args.data_dir)
+    store = Store(args.db)  # opened only once the input is known to be good
+    summary = run_suite(suite, data, store=store, checkpoint_root=args.checkpoints, device=device, force=args.force)
     if summary.did_work:
         print(f"[{suite.name}] trained {summary.trained} run(s), ran {summary.evaluated} evaluation(s); "
               f"{summary.runs_cached} run(s) and {summary.evaluations_cached} evaluation(s) were already stored")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import types
 import typing
 from typing import Any
@@ -59,6 +60,23 @@ def _coerce(value: Any, hint: Any, what: str) -> Any:
             raise BenchError(f"{what} must be a string, got {value!r}")
         return value
     return value
+
+
+def resolve_params(func, params: dict[str, Any], skip: tuple[str, ...], owner: str) -> dict[str, Any]:
+    """The keyword arguments `func` would get, defaults filled in and tuples as lists, so that
+    spelling out a default does not change a config's identity. Unknown names are BenchErrors."""
+    signature = inspect.signature(func).parameters
+    accepted = [name for name, p in signature.items()
+                if name not in skip and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], accepted, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise BenchError(f"unknown parameter(s) {', '.join(map(repr, unknown))} for {owner}.{hint} "
+                         f"Accepted: {', '.join(accepted) or 'none'}")
+    out = {name: signature[name].default for name in accepted if signature[name].default is not inspect.Parameter.empty}
+    out.update(params)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(out.items())}
 
 
 def parse_number(value: Any, what: str) -> float:

@@ -16,7 +16,6 @@ import dataclasses
 import gzip
 import hashlib
 import http.client
-import inspect
 import io
 import os
 import pickle
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.config import resolve_params
 from bench.errors import BenchError
 from bench.registry import Registry
 from bench.threat import ThreatModel
@@ -85,6 +85,7 @@ class Dataset:
     augment: str
     default_threat: ThreatModel
     source: str
+    options: dict = field(default_factory=dict)  # the loader's options, defaults filled in (part of the identity)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -100,15 +101,14 @@ _TENSOR_FIELDS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
 
 def load_dataset(name: str, data_dir: str | None = None, download: bool = True, **options) -> Dataset:
     """Load a registered dataset; unknown names and options are BenchErrors."""
-    loader = DATASETS.get(name)
-    params = inspect.signature(loader).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        accepted = [p for p in params if p not in ("data_dir", "download")]
-        unknown = sorted(set(options) - set(accepted))
-        if unknown:
-            raise BenchError(f"unknown option(s) {', '.join(map(repr, unknown))} for dataset {name!r}; "
-                             f"accepted options: {', '.join(accepted) or 'none'}")
-    return loader(data_dir=data_dir, download=download, **options)
+    resolved = dataset_options(name, options)
+    data = DATASETS.get(name)(data_dir=data_dir, download=download, **resolved)
+    return dataclasses.replace(data, options=resolved)
+
+
+def dataset_options(name: str, options: dict) -> dict:
+    """The dataset's options with defaults filled in; unknown names and options are BenchErrors."""
+    return resolve_params(DATASETS.get(name), options, ("data_dir", "download"), f"dataset {name!r}")
 
 
 def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -101,10 +101,13 @@ def evaluate_checkpoint(store: Store, checkpoint: str | Path, data: Dataset, spe
     model, meta = load_model(checkpoint)
     if meta["dataset"] != data.name:
         raise BenchError(f"checkpoint {str(checkpoint)!r} was trained on {meta['dataset']!r}, not {data.name!r}")
+    if meta.get("dataset_options", {}) != data.options:
+        raise BenchError(f"checkpoint {str(checkpoint)!r} was trained on {data.name!r} with options "
+                         f"{meta.get('dataset_options', {})}, not {data.options}")
     model = model.to(device)
     sha = sha256_file(checkpoint)
     indices = eval_indices(len(data.test_x), n_samples)
-    indices_hash = _digest([data.name, indices])
+    indices_hash = _digest([data.name, data.options, indices])
     idx = torch.tensor(indices, dtype=torch.long)
     x, y = data.test_x[idx].to(device), data.test_y[idx].to(device)
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bench.config import resolve_params
 from bench.errors import BenchError
 from bench.registry import Registry
 
@@ -34,18 +35,20 @@ class Normalize(nn.Module):
 
 def build_model(name: str, *, num_classes: int, input_shape: Sequence[int], mean: Sequence[float],
                 std: Sequence[float], **kwargs) -> nn.Module:
-    factory = MODELS.get(name)
+    kwargs = model_params(name, kwargs)
     spec = {"name": name, "num_classes": int(num_classes), "input_shape": [int(s) for s in input_shape],
-            "mean": [float(m) for m in mean], "std": [float(s) for s in std], "kwargs": dict(kwargs)}
-    try:
-        net = factory(num_classes=num_classes, input_shape=tuple(input_shape), **kwargs)
-    except TypeError as exc:
-        raise BenchError(f"bad arguments for model {name!r}: {exc}") from None
+            "mean": [float(m) for m in mean], "std": [float(s) for s in std], "kwargs": kwargs}
+    net = MODELS.get(name)(num_classes=num_classes, input_shape=tuple(input_shape), **kwargs)
     model = nn.Sequential()
     model.add_module("normalize", Normalize(mean, std))
     model.add_module("net", net)
     model.spec = spec  # type: ignore[attr-defined]
     return model
+
+
+def model_params(name: str, params: dict) -> dict:
+    """The model's keyword arguments with defaults filled in; unknown names are BenchErrors."""
+    return resolve_params(MODELS.get(name), params, ("num_classes", "input_shape"), f"model {name!r}")
 
 
 def build_model_from_spec(spec: dict) -> nn.Module:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from bench.config import build_config
-from bench.data import load_dataset
+from bench.data import Dataset, load_dataset
 from bench.errors import BenchError
 from bench.evaluation import AttackSpec, evaluate_checkpoint
 from bench.store import Store
@@ -144,11 +144,14 @@ class SuiteSummary:
         return bool(self.trained or self.evaluated)
 
 
-def run_suite(suite: Suite, *, store: Store, data_dir: str | None = None, checkpoint_root: str | Path = "checkpoints",
+def load_suite_data(suite: Suite, data_dir: str | None = None) -> Dataset:
+    return load_dataset(suite.dataset, data_dir=data_dir, **suite.dataset_options)
+
+
+def run_suite(suite: Suite, data: Dataset, *, store: Store, checkpoint_root: str | Path = "checkpoints",
               device: torch.device | str = "cpu", force: bool = False, progress: bool = True) -> SuiteSummary:
     """Train every defense of the suite (resuming or skipping finished runs), then evaluate
     each requested checkpoint with every attack (skipping stored evaluations)."""
-    data = load_dataset(suite.dataset, data_dir=data_dir, **suite.dataset_options)
     summary = SuiteSummary()
     for spec in suite.runs:
         print(f"[{suite.name}] {spec.label}: train {spec.defense} ({spec.model}, {spec.train.epochs} epochs, "

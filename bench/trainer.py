@@ -26,10 +26,10 @@ from attacks.pgd import PGD
 from bench.checkpoint import STATE_FORMAT, FORMAT_VERSION, atomic_copy, atomic_save, model_checkpoint, safe_load, sha256_file
 from bench.config import build_config
 from bench.counting import PassCounter, count_passes
-from bench.data import Dataset, augment_batch
+from bench.data import Dataset, augment_batch, dataset_options
 from bench.defense import Defense, TrainContext, load_defenses
 from bench.errors import BenchError
-from bench.models import build_model, eval_mode
+from bench.models import build_model, eval_mode, model_params
 from bench.provenance import provenance
 from bench.store import Run, Store, TrainEpoch
 from bench.threat import ThreatModel
@@ -87,7 +87,8 @@ class RunSpec:
     def canonical(self) -> dict:
         defense = load_defenses().get(self.defense)(**self.defense_params)
         return {"defense": self.defense, "defense_params": defense.params(), "dataset": self.dataset,
-                "dataset_options": self.dataset_options, "model": self.model, "model_params": self.model_params,
+                "dataset_options": dataset_options(self.dataset, self.dataset_options), "model": self.model,
+                "model_params": model_params(self.model, self.model_params),
                 "norm": self.threat.norm, "eps": self.threat.eps, "train": dataclasses.asdict(self.train),
                 "seed": self.seed}
 
@@ -246,7 +247,7 @@ def _save_epoch(directory: Path, model, optimizer, defense, spec: RunSpec, run_i
     """last.pt, then best.pt (a byte copy, so equal checkpoints share a sha256), then state.pt:
     a kill at any point leaves a consistent, resumable set."""
     ckpt = model_checkpoint(model, run_id=run_id, epoch=state["epoch"], dataset=spec.dataset,
-                            dataset_options=spec.dataset_options, norm=spec.threat.norm, eps=spec.threat.eps)
+                            dataset_options=config["dataset_options"], norm=spec.threat.norm, eps=spec.threat.eps)
     atomic_save(ckpt, directory / "last.pt")
     if improved:
         atomic_copy(directory / "last.pt", directory / "best.pt")

@@ -77,7 +77,7 @@ def test_unknown_option_names_accepted_ones():
     with pytest.raises(BenchError, match="n_train") as info:
         load_dataset("synthetic", n_trian=10)
     assert "'n_trian'" in str(info.value)
-    with pytest.raises(BenchError, match="accepted options: none"):
+    with pytest.raises(BenchError, match="Accepted: none"):
         load_dataset("digits", n_train=10)
 
 

@@ -1,0 +1,394 @@
+"""Defenses: one training step of every registered defense (finite scalar loss, gradients, train
+mode restored), one mechanism test per defense recomputed independently, and the forward /
+backward passes per sample that the trainer's cost accounting reports."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import defenses.mart
+import defenses.trades
+from bench.counting import count_passes
+from bench.defense import DEFENSES, load_defenses
+
+load_defenses()
+NAMES = DEFENSES.names()
+B = 32
+
+
+@pytest.fixture(scope="module")
+def data(synthetic):
+    return synthetic.train_x[:B].clone(), synthetic.train_y[:B].clone()
+
+
+@pytest.fixture
+def trained(trained_model):
+    """A private copy of the trained model, in train mode as the trainer hands it to a defense."""
+    return copy.deepcopy(trained_model).train()
+
+
+def record_forwards(model):
+    """Returns (inputs, modes, handle): each forward's input tensor and model.training."""
+    inputs, modes = [], []
+
+    def hook(module, args):
+        inputs.append(args[0].detach().clone())
+        modes.append(module.training)
+
+    return inputs, modes, model.register_forward_pre_hook(hook)
+
+
+def ce(model, x, y):
+    return F.cross_entropy(model(x), y)
+
+
+# --------------------------------------------------------------------------- every defense
+
+
+@pytest.mark.parametrize("norm, eps", [("Linf", 0.1), ("L2", 0.5)])
+@pytest.mark.parametrize("name", NAMES)
+def test_training_step(name, norm, eps, tiny_model, data, make_ctx):
+    model = tiny_model
+    assert model.training
+    x, y = data
+    x_before = x.clone()
+    ctx = make_ctx(model, norm, eps)
+    defense = DEFENSES.get(name)()
+    defense.setup(model, ctx)
+    defense.on_epoch_start(1, ctx)
+    torch.manual_seed(0)
+    loss = defense.training_step(model, x, y, ctx)
+
+    assert isinstance(loss, torch.Tensor) and loss.dim() == 0
+    assert torch.isfinite(loss) and loss.requires_grad
+    assert all(m.training for m in model.modules()), "the model was not switched back to train mode"
+    assert torch.equal(x, x_before), "the defense modified the batch"
+    # the inner maximization takes input gradients only: no parameter gradient leaks into the step
+    assert all(p.grad is None for p in model.parameters())
+    loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+        assert p.grad.abs().sum() > 0, f"{name}: no gradient reaches {pname}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_defense_is_deterministic_given_the_seed(name, tiny_model, data, make_ctx):
+    x, y = data
+    ctx = make_ctx(tiny_model)
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        losses.append(DEFENSES.get(name)().training_step(tiny_model, x, y, ctx).item())
+    assert losses[0] == losses[1]
+
+
+# Modes of the model's forwards in one step (T = train, F = eval). TRADES and MART generate x' in
+# eval mode (the authors' code); Madry/Rice PGD-AT and Wong's fast AT attack in train mode.
+MODES = {
+    "natural": "T",
+    "fgsm_at": "TT",
+    "fast_at": "TT",
+    "pgd_at": "T" * 11,
+    "trades": "F" * 11 + "TT",  # p(x) without grad, 10 PGD steps, then f(x) and f(x')
+    "mart": "F" * 10 + "TT",
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_modes(name, tiny_model, data, make_ctx):
+    if name not in MODES:
+        pytest.fail(f"new defense {name!r}: add its expected forward modes to MODES")
+    x, y = data
+    inputs, modes, handle = record_forwards(tiny_model)
+    torch.manual_seed(0)
+    DEFENSES.get(name)().training_step(tiny_model, x, y, make_ctx(tiny_model))
+    handle.remove()
+    assert "".join("T" if m else "F" for m in modes) == MODES[name]
+
+
+@pytest.mark.parametrize("name", ["trades", "mart"])
+def test_train_mode_restored_when_the_inner_max_fails(name, tiny_model, data, make_ctx, monkeypatch):
+    def broken_pgd(*args, **kwargs):
+        raise RuntimeError("inner maximization failed")
+
+    monkeypatch.setattr({"trades": defenses.trades, "mart": defenses.mart}[name], "pgd", broken_pgd)
+    with pytest.raises(RuntimeError, match="inner maximization failed"):
+        DEFENSES.get(name)().training_step(tiny_model, *data, make_ctx(tiny_model))
+    assert tiny_model.training
+
+
+def test_paper_defaults():
+    cfg = {name: DEFENSES.get(name)().config for name in NAMES}
+    assert cfg["fgsm_at"].alpha == 0.5
+    assert cfg["fast_at"].step_ratio == 1.25
+    assert (cfg["pgd_at"].steps, cfg["pgd_at"].step_ratio) == (10, 0.25)
+    assert (cfg["trades"].beta, cfg["trades"].steps) == (6.0, 10)
+    assert cfg["trades"].step_ratio * 0.031 == pytest.approx(0.007)
+    assert (cfg["mart"].beta, cfg["mart"].steps) == (5.0, 10)
+    assert cfg["mart"].step_ratio * 0.031 == pytest.approx(0.007)
+
+
+# --------------------------------------------------------------------------- pass counting
+
+# Forward / backward passes per training sample in one step, including the trainer's
+# loss.backward(). A no-grad forward has no backward; a forward that is back-propagated twice
+# (by autograd.grad for the input gradient and again by loss.backward) counts two backwards.
+#   natural  1 / 1
+#   fgsm_at  2 / 3: f(x) is back-propagated for ∇ₓ (FGSM direction) and again by loss.backward
+#            for the parameter gradient of the clean term; f(x_fgsm) once.
+#   fast_at  2 / 2: one step from the random start, then f(x').
+#   pgd_at   11 / 11: 10 steps, then f(x').
+#   trades   13 / 12: p(x) without grad, 10 steps, then f(x) and f(x') (both back-propagated).
+#   mart     12 / 12: 10 steps, then f(x) and f(x').
+PASSES = {"natural": (1, 1), "fgsm_at": (2, 3), "fast_at": (2, 2), "pgd_at": (11, 11),
+          "trades": (13, 12), "mart": (12, 12)}
+STEPS = {"pgd_at": 10, "trades": 10, "mart": 10}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_passes_per_sample(name, tiny_model, data, make_ctx):
+    if name not in PASSES:
+        pytest.fail(f"new defense {name!r}: add its expected passes to PASSES")
+    x, y = data
+    params = {"steps": STEPS[name]} if name in STEPS else {}
+    defense = DEFENSES.get(name)(**params)
+    torch.manual_seed(0)
+    with count_passes(tiny_model) as counter:
+        defense.training_step(tiny_model, x, y, make_ctx(tiny_model)).backward()
+    assert (counter.forward / B, counter.backward / B) == PASSES[name]
+
+
+def test_passes_scale_with_steps(tiny_model, data, make_ctx):
+    x, y = data
+    for name, extra_f, extra_b in [("pgd_at", 1, 1), ("trades", 3, 2), ("mart", 2, 2)]:
+        torch.manual_seed(0)
+        with count_passes(tiny_model) as counter:
+            DEFENSES.get(name)(steps=3).training_step(tiny_model, x, y, make_ctx(tiny_model)).backward()
+        assert (counter.forward, counter.backward) == ((3 + extra_f) * B, (3 + extra_b) * B), name
+
+
+# --------------------------------------------------------------------------- natural
+
+
+def test_natural_is_cross_entropy(trained, data, make_ctx):
+    x, y = data
+    loss = DEFENSES.get("natural")().training_step(trained, x, y, make_ctx(trained))
+    expected = F.cross_entropy(trained(x), y)
+    torch.testing.assert_close(loss, expected)
+    assert DEFENSES.get("natural").selection_metric == "clean"
+
+
+# --------------------------------------------------------------------------- fgsm_at
+
+
+def fgsm_linf(model, x, y, eps):
+    x = x.clone().requires_grad_(True)
+    grad, = torch.autograd.grad(F.cross_entropy(model(x), y), x)
+    return (x.detach() + eps * grad.sign()).clamp(0, 1)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.3])
+def test_fgsm_at_loss(alpha, trained, data, make_ctx):
+    """alpha·CE(x) + (1 − alpha)·CE(x_fgsm), x_fgsm = clip(x + eps·sign ∇ₓCE(x)) held constant."""
+    x, y = data
+    eps = 0.1
+    loss = DEFENSES.get("fgsm_at")(alpha=alpha).training_step(trained, x, y, make_ctx(trained, eps=eps))
+    loss.backward()
+    got = [p.grad.clone() for p in trained.parameters()]
+    trained.zero_grad()
+
+    x_fgsm = fgsm_linf(trained, x, y, eps)
+    clean, adv = ce(trained, x, y), ce(trained, x_fgsm, y)
+    assert adv > clean + 0.5  # the two terms differ, so the weighting is tested
+    expected = alpha * clean + (1 - alpha) * adv
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    expected.backward()
+    for g, p in zip(got, trained.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- fast_at
+
+
+def fast_at_example(model, x, y, eps, step_ratio, seed):
+    """Wong et al. 2020, Alg. 3, written out: δ ~ U(−ε, ε), one signed step of step_ratio·ε,
+    projection onto the ball and [0, 1]. Returns (x', ∇ at the start)."""
+    torch.manual_seed(seed)
+    start = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1).requires_grad_(True)
+    grad, = torch.autograd.grad(F.cross_entropy(model(start), y), start)
+    delta = (start.detach() + step_ratio * eps * grad.sign() - x).clamp(-eps, eps)
+    return (x + delta).clamp(0, 1), grad
+
+
+@pytest.mark.parametrize("step_ratio", [1.25, 2.0])
+def test_fast_at_example(step_ratio, tiny_model, data, make_ctx):
+    x, y = data
+    eps = 0.1
+    inputs, _, handle = record_forwards(tiny_model)
+    torch.manual_seed(3)
+    loss = DEFENSES.get("fast_at")(step_ratio=step_ratio).training_step(tiny_model, x, y,
+                                                                         make_ctx(tiny_model, eps=eps))
+    handle.remove()
+    x_adv = inputs[-1]
+    expected, grad = fast_at_example(tiny_model, x, y, eps, step_ratio, seed=3)
+    assert (x_adv - expected).abs().max() <= 1e-6
+    torch.testing.assert_close(loss, ce(tiny_model, x_adv, y))
+
+    delta = x_adv - x
+    assert delta.abs().max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    # not plain FGSM: with α = 1.25ε the random start leaves ~37% of the coordinates inside the
+    # ball (FGSM puts all on x ± ε); with α = 2ε they all end on the boundary, but where the
+    # gradient's sign at the start differs from its sign at x (~20% here), on the other side
+    fgsm = fgsm_linf(tiny_model, x, y, eps)
+    off_fgsm = ((x_adv - fgsm).abs() > 1e-4).float().mean()
+    assert off_fgsm > (0.3 if step_ratio < 2 else 0.1)
+
+    # coordinates neither clipped by the box nor with a zero gradient
+    free = (x_adv > 0) & (x_adv < 1) & (grad != 0)
+    assert free.float().mean() > 0.5
+    on_boundary = (delta.abs() - eps).abs() <= 1e-6
+    fraction = on_boundary[free].float().mean().item()
+    if step_ratio >= 2.0:
+        # from anywhere in [−ε, ε] a step of 2ε crosses the boundary: every coordinate ends on it
+        assert fraction == 1.0
+    else:
+        # u + 1.25ε·s reaches the boundary iff u·s >= −0.25ε: probability 0.625 for u ~ U(−ε, ε)
+        assert 0.55 < fraction < 0.7
+
+
+# --------------------------------------------------------------------------- pgd_at
+
+
+def test_pgd_at_loss(trained, data, make_ctx):
+    """CE at a PGD example (10 steps of eps/4 from a uniform start), recomputed independently;
+    on the trained model it is far above the clean CE."""
+    x, y = data
+    eps = 0.1
+    torch.manual_seed(4)
+    loss = DEFENSES.get("pgd_at")().training_step(trained, x, y, make_ctx(trained, eps=eps))
+
+    torch.manual_seed(4)
+    x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
+    for _ in range(10):
+        x_adv.requires_grad_(True)
+        grad, = torch.autograd.grad(F.cross_entropy(trained(x_adv), y), x_adv)
+        x_adv = (x + (x_adv.detach() + 0.25 * eps * grad.sign() - x).clamp(-eps, eps)).clamp(0, 1)
+    torch.testing.assert_close(loss, ce(trained, x_adv, y), rtol=1e-5, atol=1e-6)
+
+    clean = ce(trained, x, y).item()
+    assert clean < 0.05
+    assert loss.item() > clean + 1.0
+
+
+# --------------------------------------------------------------------------- trades
+
+
+def kl(p_logits, q_logits):
+    """Per-sample KL(softmax(p) ‖ softmax(q)) = Σ p (log p − log q), logs taken stably."""
+    log_p, log_q = F.log_softmax(p_logits, dim=1), F.log_softmax(q_logits, dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum(1)
+
+
+def test_trades_beta_zero_is_cross_entropy(trained, data, make_ctx):
+    x, y = data
+    torch.manual_seed(0)
+    loss = DEFENSES.get("trades")(beta=0.0).training_step(trained, x, y, make_ctx(trained))
+    torch.testing.assert_close(loss, ce(trained, x, y))
+
+
+def test_trades_loss_decomposes(trained, data, make_ctx):
+    """loss = CE(f(x), y) + β·mean KL(f(x) ‖ f(x')), with gradients through both f(x) and f(x');
+    the KL term is >= 0 and the inner maximization raised it above its value at the start."""
+    x, y = data
+    eps, beta = 0.1, 6.0
+    inputs, _, handle = record_forwards(trained)
+    torch.manual_seed(0)
+    loss = DEFENSES.get("trades")(beta=beta).training_step(trained, x, y, make_ctx(trained, eps=eps))
+    handle.remove()
+    start, x_adv = inputs[1], inputs[-1]
+    assert torch.equal(inputs[0], x) and torch.equal(inputs[-2], x)
+    assert (x_adv - x).abs().max() <= eps + 1e-6
+    assert 0 < (start - x).abs().max() <= 0.01  # x + 0.001·N(0, I)
+
+    loss.backward()
+    got = [p.grad.clone() for p in trained.parameters()]
+    trained.zero_grad()
+    logits, logits_adv = trained(x), trained(x_adv)
+    term = kl(logits, logits_adv)
+    assert (term >= -1e-6).all()
+    expected = F.cross_entropy(logits, y) + beta * term.mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    expected.backward()
+    for g, p in zip(got, trained.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-3, atol=1e-6)
+
+    with torch.no_grad():
+        assert term.mean() > 0.1
+        assert term.mean() > 10 * kl(trained(x), trained(start)).mean()
+
+
+# --------------------------------------------------------------------------- mart
+
+
+class Tempered(nn.Module):
+    """The trained model with logits divided by 4: moderately confident predictions, so the
+    weights 1 − p_y(x) vary across samples and no probability is within 1e-4 of 1."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x) / 4
+
+
+@pytest.mark.parametrize("beta", [5.0, 0.0])
+def test_mart_loss_matches_the_paper(beta, trained, data, make_ctx, monkeypatch):
+    """Wang et al. 2020, Eq. (8), recomputed from the paper for a fixed x' (pgd patched):
+    BCE(p(x'), y) = −log p_y(x') − log(1 − max_{k≠y} p_k(x')), plus
+    β · mean KL(p(x) ‖ p(x')) · (1 − p_y(x))."""
+    model = Tempered(trained).train()
+    x, y = data
+    eps = 0.1
+    g = torch.Generator().manual_seed(0)
+    x_fixed = (x + eps * torch.randint(0, 2, x.shape, generator=g).float().mul(2).sub(1)).clamp(0, 1)
+    calls = []
+
+    def fake_pgd(m, x_, loss_fn, **kwargs):
+        calls.append(dict(kwargs, training=m.training, loss_fn=loss_fn, x=x_))
+        return x_fixed
+
+    monkeypatch.setattr(defenses.mart, "pgd", fake_pgd)
+    loss = DEFENSES.get("mart")(beta=beta).training_step(model, x, y, make_ctx(model, eps=eps))
+
+    (call,) = calls
+    assert call["training"] is False  # x' generated in eval mode
+    assert (call["eps"], call["norm"], call["steps"]) == (eps, "Linf", 10)
+    assert call["step_size"] == pytest.approx(0.007 / 0.031 * eps)
+    assert torch.equal(call["x"], x)
+    assert 0 < (call["x_init"] - x).abs().max() <= 0.01  # x + 0.001·N(0, I)
+    some_logits = torch.randn(B, 4, generator=g)
+    torch.testing.assert_close(call["loss_fn"](some_logits), F.cross_entropy(some_logits, y, reduction="none"))
+
+    with torch.no_grad():
+        p, p_adv = F.softmax(model(x), dim=1), F.softmax(model(x_fixed), dim=1)
+    idx = torch.arange(B)
+    runner_up = p_adv.clone()
+    runner_up[idx, y] = -1.0
+    runner_up = runner_up.max(1).values
+    # the code guards the logs with 1.0001 and 1e-12 (the authors' constants): their effect is
+    # below 1e-4 / (1 − q) <= 1e-3 here
+    assert runner_up.max() < 0.9
+    bce = -torch.log(p_adv[idx, y]) - torch.log(1 - runner_up)
+    kl_term = (p * (torch.log(p) - torch.log(p_adv))).sum(1)
+    weight = 1 - p[idx, y]
+    assert weight.std() > 0.05  # the weights differ across samples
+    expected = bce.mean() + beta * (kl_term * weight).mean()
+    assert abs(loss.item() - expected.item()) <= 2e-3, (loss.item(), expected.item())
+    # the runner-up term matters: without it the loss would be off by far more than the tolerance
+    assert (-torch.log(1 - runner_up)).mean() > 0.05

@@ -1,0 +1,343 @@
+"""bench.trainer: a killed run resumes to the same weights, finished runs are skipped, a
+diverged loss fails cleanly, LR schedules, config validation, run ids, best.pt selection."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sqlalchemy import select
+
+from bench.checkpoint import MODEL_FORMAT, STATE_FORMAT, safe_load, sha256_file
+from bench.cli import main
+from bench.data import load_dataset
+from bench.defense import DEFENSES, Defense, load_defenses, register_defense
+from bench.errors import BenchError
+from bench.store import Checkpoint, Run, Store, TrainEpoch
+from bench.threat import ThreatModel
+from bench.trainer import OPTIMIZERS, SCHEDULES, RunSpec, TrainConfig, build_train_config, lr_at, train
+
+OPTIONS = {"n_train": 128, "n_val": 32, "n_test": 48}
+FAST = {"epochs": 3, "batch_size": 32, "optimizer": "adam", "lr": 0.003, "weight_decay": 0.0, "val_steps": 3}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("synthetic", **OPTIONS)
+
+
+def spec_for(defense: str, defense_params=None, **train) -> RunSpec:
+    return RunSpec(defense=defense, dataset="synthetic", model="small_cnn", threat=ThreatModel("Linf", 0.1),
+                   train=build_train_config({**FAST, **train}), defense_params=dict(defense_params or {}),
+                   dataset_options=OPTIONS, seed=0, label=defense)
+
+
+@pytest.fixture
+def registered():
+    """registered(name, cls): register a test defense; removed from the registry afterwards."""
+    load_defenses()
+    names = []
+
+    def register(name: str, cls):
+        assert name not in DEFENSES
+        register_defense(name)(cls)
+        names.append(name)
+        return cls
+
+    yield register
+    for name in names:
+        DEFENSES._items.pop(name, None)
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def digest_tree(*folders: Path) -> dict[str, tuple[str, int]]:
+    out = {}
+    for folder in folders:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                out[str(p)] = (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+    return out
+
+
+# --------------------------------------------------------------------------- (a) kill and resume
+
+TRAIN_CMD = [sys.executable, "-m", "bench", "train", "--defense", "pgd_at", "--dataset", "synthetic", "--epochs", "4",
+             "--seed", "3", "--device", "cpu", "--train", "batch_size=64"]
+
+
+def _run_to_completion(cwd: Path) -> str:
+    done = subprocess.run(TRAIN_CMD, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_killed_training_resumes_to_the_same_weights(tmp_path):
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    killed.mkdir()
+    straight.mkdir()
+
+    log = open(killed / "first.log", "w")
+    proc = subprocess.Popen(TRAIN_CMD, cwd=killed, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        states: list[Path] = []
+        while not states and time.monotonic() < deadline and proc.poll() is None:
+            states = list(killed.glob("checkpoints/*/state.pt"))
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        log.close()
+    assert states, "no state.pt appeared: " + (killed / "first.log").read_text()[-2000:]
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    state_path = states[0]
+    run_id = state_path.parent.name
+    epoch_at_kill = safe_load(state_path, STATE_FORMAT)["progress"]["epoch"]
+    assert 1 <= epoch_at_kill < 4
+
+    out = _run_to_completion(killed)  # the same command resumes ...
+    assert f"run {run_id} trained" in out
+    for epoch in range(1, 5):  # ... after the last saved epoch, without redoing earlier ones
+        assert (f"epoch {epoch}/4" in out) == (epoch > epoch_at_kill), out
+    out_straight = _run_to_completion(straight)
+    assert f"run {run_id} trained" in out_straight and all(f"epoch {e}/4" in out_straight for e in range(1, 5))
+
+    a = safe_load(killed / "checkpoints" / run_id / "last.pt", MODEL_FORMAT)
+    b = safe_load(straight / "checkpoints" / run_id / "last.pt", MODEL_FORMAT)
+    assert a["epoch"] == b["epoch"] == 4
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+
+    sa = safe_load(killed / "checkpoints" / run_id / "state.pt", STATE_FORMAT)
+    sb = safe_load(straight / "checkpoints" / run_id / "state.pt", STATE_FORMAT)
+    for pa, pb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+        for key in pa:
+            assert torch.equal(torch.as_tensor(pa[key]), torch.as_tensor(pb[key])), key
+    metrics = ("epoch", "loss", "clean_acc", "robust_acc", "lr")
+    assert [[e[m] for m in metrics] for e in sa["progress"]["log"]] == \
+        [[e[m] for m in metrics] for e in sb["progress"]["log"]]
+    for key in ("epoch", "best_epoch", "best_score", "forward", "backward", "samples"):
+        assert sa["progress"][key] == sb["progress"][key], key
+
+    with Store(str(killed / "results.db")).session() as s:
+        run = s.get(Run, run_id)
+        assert (run.status, run.epochs_done, run.best_epoch) == ("completed", 4, sb["progress"]["best_epoch"])
+        assert [r.epoch for r in run.epoch_rows] == [1, 2, 3, 4]
+
+
+# --------------------------------------------------------------------------- (b) finished runs
+
+def test_second_train_of_a_finished_run_does_no_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--defense", "natural", "--dataset", "synthetic", "--epochs", "2", "--device", "cpu",
+            "--train", "batch_size=128", "--model-param", "width=8", "--model-param", "hidden=32"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert " trained:" in first and "epoch 2/2" in first
+    run_id = first.split("run ", 1)[1].split()[0]
+    before = digest_tree(tmp_path / "checkpoints")
+    with Store("results.db").session() as s:
+        epochs_before = [(r.epoch, r.loss, r.clean_acc, r.robust_acc) for r in s.scalars(select(TrainEpoch))]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training_step called for a finished run")
+
+    monkeypatch.setattr(load_defenses().get("natural"), "training_step", no_training)
+    assert main(argv) == 0
+    second = capsys.readouterr().out
+    assert f"run {run_id} already trained (use --force to retrain)" in second
+    assert "epoch" not in second.replace("(best.pt, last.pt)", "")
+    assert digest_tree(tmp_path / "checkpoints") == before
+    with Store("results.db").session() as s:
+        assert [(r.epoch, r.loss, r.clean_acc, r.robust_acc) for r in s.scalars(select(TrainEpoch))] == epochs_before
+        assert s.get(Run, run_id).status == "completed"
+
+
+# --------------------------------------------------------------------------- (c) diverged loss
+
+def test_nan_loss_fails_cleanly_and_keeps_the_last_good_checkpoint(tmp_path, data, registered):
+    root = tmp_path / "checkpoints"
+    snapshot: dict[str, bytes] = {}
+
+    class NaNAtEpoch2(Defense):
+        @dataclass(frozen=True)
+        class Config:
+            pass
+
+        def on_epoch_start(self, epoch, ctx):
+            if epoch == 2:  # what epoch 1 left on disk
+                snapshot.update(files(root / run_id))
+
+        def training_step(self, model, x, y, ctx):
+            loss = F.cross_entropy(model(x), y)
+            return loss * float("nan") if ctx.epoch == 2 else loss
+
+    registered("test_nan_at_epoch_2", NaNAtEpoch2)
+    spec = spec_for("test_nan_at_epoch_2")
+    run_id = spec.run_id
+    store = Store(str(tmp_path / "results.db"))
+    with pytest.raises(BenchError, match=r"diverged: loss became nan at epoch 2, step 1") as info:
+        train(spec, data, store=store, checkpoint_root=root, progress=False)
+    assert "epoch 1" in str(info.value) and str(root / run_id) in str(info.value)
+    assert sorted(snapshot) == ["best.pt", "last.pt", "state.pt"]
+    assert files(root / run_id) == snapshot  # byte-identical, no temporary files left
+    assert safe_load(root / run_id / "state.pt", STATE_FORMAT)["progress"]["epoch"] == 1
+    with Store(str(tmp_path / "results.db")).session() as s:
+        run = s.get(Run, run_id)
+        assert run.status == "failed"
+        assert "loss became nan at epoch 2" in run.error
+        assert run.epochs_done == 1 and [r.epoch for r in run.epoch_rows] == [1]
+
+
+# --------------------------------------------------------------------------- (d) LR schedules
+
+@pytest.mark.parametrize("schedule, expected", [
+    ("constant", {0: 0.1, 37: 0.1, 99: 0.1}),
+    ("piecewise", {0: 0.1, 49: 0.1, 50: 0.1 * 0.1, 74: 0.1 * 0.1, 75: 0.1 * 0.1 ** 2, 99: 0.1 * 0.1 ** 2}),
+    ("cosine", {0: 0.1, 25: 0.05 * (1 + math.cos(math.pi / 4)), 50: 0.05, 75: 0.05 * (1 - math.cos(math.pi / 4)),
+                100: 0.0}),
+    ("cyclic", {0: 0.0, 20: 0.05, 40: 0.1, 70: 0.05, 100: 0.0}),
+])
+def test_lr_schedules(schedule, expected):
+    cfg = TrainConfig(schedule=schedule, lr=0.1)
+    for step, lr in expected.items():
+        assert lr_at(cfg, step, 100) == pytest.approx(lr, rel=1e-12, abs=1e-15), (schedule, step)
+
+
+def test_piecewise_milestones_and_gamma():
+    cfg = TrainConfig(schedule="piecewise", lr=0.2, milestones=(0.25,), gamma=0.5)
+    assert [lr_at(cfg, s, 8) for s in range(8)] == [0.2, 0.2, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]
+    assert lr_at(TrainConfig(schedule="constant", lr=0.3), 5, 0) == 0.3  # no division by zero
+
+
+# --------------------------------------------------------------------------- (e) config validation
+
+def test_train_config_validation():
+    with pytest.raises(BenchError, match="unknown optimizer 'adamw'; accepted: " + ", ".join(OPTIMIZERS)):
+        build_train_config({"optimizer": "adamw"})
+    with pytest.raises(BenchError, match="unknown LR schedule 'linear'; accepted: " + ", ".join(SCHEDULES)):
+        build_train_config({"schedule": "linear"})
+    with pytest.raises(BenchError, match="unknown parameter 'epoch' for training. Did you mean 'epochs'"):
+        build_train_config({"epoch": 3})
+    with pytest.raises(BenchError, match="epochs and batch_size must be >= 1"):
+        build_train_config({"epochs": 0})
+    with pytest.raises(BenchError, match="lr must be a positive number"):
+        build_train_config({"lr": -0.1})
+    with pytest.raises(BenchError, match="lr must be a positive number"):
+        build_train_config({"lr": float("nan")})
+    with pytest.raises(BenchError, match="must be an integer"):
+        build_train_config({"epochs": "3"})
+    assert build_train_config({"lr": "1/10", "milestones": [0.3]}) == TrainConfig(lr=0.1, milestones=(0.3,))
+
+
+# --------------------------------------------------------------------------- (f) run ids
+
+def test_run_id_identity():
+    base = spec_for("pgd_at")
+    assert base.run_id == spec_for("pgd_at").run_id
+    assert len(base.run_id) == 16 and int(base.run_id, 16) >= 0
+    assert spec_for("pgd_at", {"steps": 5}).run_id != base.run_id
+    assert spec_for("pgd_at", {"steps": 10, "step_ratio": 0.25}).run_id == base.run_id  # explicit defaults
+    assert spec_for("pgd_at", {"step_ratio": "1/4"}).run_id == base.run_id              # same value, other spelling
+    relabeled = RunSpec(**{**base.__dict__, "label": "another label"})
+    assert relabeled.run_id == base.run_id                                               # a label is display only
+    for change in ({"seed": 1}, {"dataset_options": {**OPTIONS, "n_train": 64}},
+                   {"threat": ThreatModel("Linf", 0.2)}, {"model_params": {"width": 8}}):
+        assert RunSpec(**{**base.__dict__, **change}).run_id != base.run_id, change
+    assert spec_for("pgd_at", epochs=4).run_id != base.run_id
+    assert spec_for("trades").run_id != base.run_id
+    with pytest.raises(BenchError, match="unknown parameter 'stpes' for defense 'pgd_at'. Did you mean 'steps'"):
+        spec_for("pgd_at", {"stpes": 5}).run_id
+
+
+@pytest.mark.parametrize("change", [
+    {"model_params": {"width": 32, "hidden": 200}},  # small_cnn's defaults
+    {"dataset_options": {"n_train": 256, "n_val": 64, "n_test": 128, "num_classes": 4, "seed": 0}},  # synthetic's
+], ids=["model_params", "dataset_options"])
+def test_run_id_explicit_defaults_equal_omitted(change):
+    """Naming a default builds the same model on the same data, so it is the same run (as for
+    defense parameters): `train --dataset synthetic` and a suite spelling out the defaults must
+    share checkpoints."""
+    base = RunSpec(**{**spec_for("pgd_at").__dict__, "dataset_options": {}})
+    explicit = RunSpec(**{**base.__dict__, **change})
+    assert explicit.run_id == base.run_id
+
+
+# --------------------------------------------------------------------------- (g) best.pt
+
+def _epochs(store: Store, run_id: str) -> list[TrainEpoch]:
+    with store.session() as s:
+        return list(s.scalars(select(TrainEpoch).where(TrainEpoch.run_id == run_id).order_by(TrainEpoch.epoch)))
+
+
+def _check_best(store: Store, directory: Path, run_id: str, best_epoch: int) -> None:
+    with store.session() as s:
+        assert s.get(Run, run_id).best_epoch == best_epoch
+        rows = {c.kind: c for c in s.scalars(select(Checkpoint).where(Checkpoint.run_id == run_id))}
+    assert rows["best"].epoch == best_epoch and rows["best"].sha256 == sha256_file(directory / "best.pt")
+    assert rows["last"].sha256 == sha256_file(directory / "last.pt")
+    assert safe_load(directory / "best.pt", MODEL_FORMAT)["epoch"] == best_epoch
+    assert safe_load(directory / "state.pt", STATE_FORMAT)["progress"]["best_epoch"] == best_epoch
+
+
+def test_best_checkpoint_is_the_best_robust_validation_epoch(tmp_path, data):
+    store = Store(str(tmp_path / "results.db"))
+    spec = spec_for("pgd_at", {"steps": 3}, epochs=3, batch_size=16)
+    result = train(spec, data, store=store, checkpoint_root=tmp_path, progress=False)
+    log = _epochs(store, result.run_id)
+    assert [r.epoch for r in log] == [1, 2, 3]
+    robust = [r.robust_acc for r in log]
+    best = int(np.argmax(robust)) + 1  # the first epoch with the highest robust accuracy
+    _check_best(store, result.directory, result.run_id, best)
+
+
+def test_best_checkpoint_of_clean_selection_is_an_earlier_epoch(tmp_path, data, registered):
+    """Epochs 1-2 learn the labels, epoch 3 learns wrong ones: best.pt must hold an earlier
+    epoch's weights (byte-identical to that epoch's last.pt), chosen by clean accuracy."""
+    root = tmp_path / "checkpoints"
+    last_after: dict[int, bytes] = {}
+
+    class Unlearn(Defense):
+        selection_metric = "clean"
+
+        @dataclass(frozen=True)
+        class Config:
+            pass
+
+        def on_epoch_start(self, epoch, ctx):
+            if epoch > 1:
+                last_after[epoch - 1] = (root / run_id / "last.pt").read_bytes()
+
+        def training_step(self, model, x, y, ctx):
+            target = (y + 1) % ctx.num_classes if ctx.epoch == 3 else y
+            return F.cross_entropy(model(x), target)
+
+    registered("test_unlearn_at_epoch_3", Unlearn)
+    spec = spec_for("test_unlearn_at_epoch_3", epochs=3, batch_size=16)
+    run_id = spec.run_id
+    store = Store(str(tmp_path / "results.db"))
+    train(spec, data, store=store, checkpoint_root=root, progress=False)
+    log = _epochs(store, run_id)
+    clean = [r.clean_acc for r in log]
+    best = int(np.argmax(clean)) + 1
+    assert best < 3 and clean[2] < clean[best - 1], clean  # the set-up works: the last epoch is worse
+    _check_best(store, root / run_id, run_id, best)
+    assert (root / run_id / "best.pt").read_bytes() == last_after[best]
+    assert sha256_file(root / run_id / "best.pt") != sha256_file(root / run_id / "last.pt")
