@@ -29,8 +29,9 @@ class MIM(Attack):
 
     def __init__(self, **params):
         super().__init__(**params)
-        if self.config.steps < 1:
-            raise BenchError(f"attack 'mim' needs steps >= 1, got {self.config.steps}")
+        c = self.config
+        if c.steps < 1 or (c.step_size is not None and not c.step_size > 0):
+            raise BenchError(f"attack 'mim' needs steps >= 1 and step_size > 0, got steps={c.steps}, step_size={c.step_size}")
 
     def perturb(self, model, x, y):
         c = self.config
@@ -40,6 +41,6 @@ class MIM(Attack):
         for _ in range(c.steps):
             grad = input_gradient(model, x_adv, lambda logits: ce_loss(logits, y))
             l1 = grad.abs().flatten(1).sum(1).view(-1, *([1] * (x.dim() - 1)))
-            g = c.momentum * g + grad / (l1 + 1e-12)
+            g = c.momentum * g + grad / torch.where(l1 > 0, l1, torch.ones_like(l1))
             x_adv = project(ascent_step(x_adv, g, c.norm, alpha), x, c.norm, c.eps).detach()
         return x_adv

@@ -66,8 +66,13 @@ def random_start(x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
 
 
 def ascent_step(x_adv: torch.Tensor, grad: torch.Tensor, norm: str, step_size: float) -> torch.Tensor:
+    """A signed step (Linf) or a step along the unit-L2 gradient (L2). For L2 the gradient is
+    first scaled by its per-sample max, so tiny gradients (1e-20 on confident samples) still
+    give a full-length step instead of vanishing next to DIV_EPS."""
     if norm == "Linf":
         return x_adv + step_size * grad.sign()
+    scale = grad.flatten(1).abs().amax(1).view(-1, *([1] * (grad.dim() - 1)))
+    grad = grad / torch.where(scale > 0, scale, torch.ones_like(scale))
     return x_adv + step_size * grad / (l2_norm(grad) + DIV_EPS)
 
 
@@ -123,7 +128,7 @@ class PGD(Attack):
             raise BenchError(f"unknown loss {c.loss!r} for attack 'pgd'; accepted: {', '.join(LOSSES)}")
         if c.steps < 1 or c.restarts < 1:
             raise BenchError(f"attack 'pgd' needs steps >= 1 and restarts >= 1, got steps={c.steps}, restarts={c.restarts}")
-        if c.step_size is not None and c.step_size <= 0:
+        if c.step_size is not None and not c.step_size > 0:
             raise BenchError(f"attack 'pgd' needs step_size > 0, got {c.step_size}")
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import types
 import typing
 from typing import Any
@@ -80,15 +81,18 @@ def resolve_params(func, params: dict[str, Any], skip: tuple[str, ...], owner: s
 
 
 def parse_number(value: Any, what: str) -> float:
-    """A number, or a fraction string such as "8/255"."""
+    """A finite number, or a fraction string such as "8/255"."""
+    number = None
     if isinstance(value, str):
         num, sep, den = value.partition("/")
         try:
-            return float(num) / float(den) if sep else float(num)
+            number = float(num) / float(den) if sep else float(num)
         except (ValueError, ZeroDivisionError):
             pass
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        number = float(value)
+    if number is not None and math.isfinite(number):
+        return number
     raise BenchError(f"{what} must be a number or a fraction like \"8/255\", got {value!r}")
 
 

@@ -240,7 +240,7 @@ def test_train_config_validation():
         build_train_config({"epochs": 0})
     with pytest.raises(BenchError, match="lr must be a positive number"):
         build_train_config({"lr": -0.1})
-    with pytest.raises(BenchError, match="lr must be a positive number"):
+    with pytest.raises(BenchError, match="'lr' must be a number"):
         build_train_config({"lr": float("nan")})
     with pytest.raises(BenchError, match="must be an integer"):
         build_train_config({"epochs": "3"})
