@@ -39,7 +39,8 @@ class MIM(Attack):
         g = torch.zeros_like(x)
         x_adv = x.detach()
         for _ in range(c.steps):
-            grad = input_gradient(model, x_adv, lambda logits: ce_loss(logits, y))
+            grad = input_gradient(model, x_adv, lambda logits: ce_loss(logits, y),
+                                  lambda logits, losses: self.observe(logits, y, losses))
             l1 = grad.abs().flatten(1).sum(1).view(-1, *([1] * (x.dim() - 1)))
             g = c.momentum * g + grad / torch.where(l1 > 0, l1, torch.ones_like(l1))
             x_adv = project(ascent_step(x_adv, g, c.norm, alpha), x, c.norm, c.eps).detach()

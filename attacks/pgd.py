@@ -76,22 +76,32 @@ def ascent_step(x_adv: torch.Tensor, grad: torch.Tensor, norm: str, step_size: f
     return x_adv + step_size * grad / (l2_norm(grad) + DIV_EPS)
 
 
-def input_gradient(model: nn.Module, x: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """∇_x of the summed per-sample loss; the model's parameters get no gradient."""
+Observer = Callable[[torch.Tensor, torch.Tensor], None]  # (logits, per-sample loss) at an iterate
+
+
+def input_gradient(model: nn.Module, x: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor],
+                   observe: Observer | None = None) -> torch.Tensor:
+    """∇_x of the summed per-sample loss; the model's parameters get no gradient. `observe`, if
+    given, sees the logits and per-sample losses at x (no extra forward pass)."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        loss = loss_fn(model(x)).sum()
-        return torch.autograd.grad(loss, x)[0]
+        logits = model(x)
+        losses = loss_fn(logits)
+        if observe is not None:
+            observe(logits, losses)
+        return torch.autograd.grad(losses.sum(), x)[0]
 
 
 def pgd(model: nn.Module, x: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor], *, eps: float,
-        norm: str, steps: int, step_size: float, x_init: torch.Tensor | None = None) -> torch.Tensor:
+        norm: str, steps: int, step_size: float, x_init: torch.Tensor | None = None,
+        observe: Observer | None = None) -> torch.Tensor:
     """Maximize `loss_fn(model(x'))` (per-sample losses from logits) over the eps ball by
-    `steps` projected ascent steps from `x_init` (default: x). Returns the last iterate."""
+    `steps` projected ascent steps from `x_init` (default: x). Returns the last iterate;
+    `observe` sees every iterate but the last (see `input_gradient`)."""
     x = x.detach()
     x_adv = (x if x_init is None else x_init).detach()
     for _ in range(steps):
-        grad = input_gradient(model, x_adv, loss_fn)
+        grad = input_gradient(model, x_adv, loss_fn, observe)
         x_adv = project(ascent_step(x_adv, grad, norm, step_size), x, norm, eps).detach()
     return x_adv
 
@@ -139,16 +149,20 @@ class PGD(Attack):
     def perturb(self, model, x, y):
         c = self.config
         loss = LOSSES[c.loss]
+
+        def observe(logits, losses):
+            self.observe(logits, y, losses)
+
         if c.restarts == 1:
             start = random_start(x, c.norm, c.eps) if c.random_start else x
             return pgd(model, x, lambda logits: loss(logits, y), eps=c.eps, norm=c.norm, steps=c.steps,
-                       step_size=self.step_size, x_init=start)
+                       step_size=self.step_size, x_init=start, observe=observe)
         best = x.clone()
         fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         for _ in range(c.restarts):
             start = random_start(x, c.norm, c.eps) if c.random_start else x
             x_adv = pgd(model, x, lambda logits: loss(logits, y), eps=c.eps, norm=c.norm, steps=c.steps,
-                        step_size=self.step_size, x_init=start)
+                        step_size=self.step_size, x_init=start, observe=observe)
             with torch.no_grad():
                 now_fooled = model(x_adv).argmax(1) != y
             take = ~fooled

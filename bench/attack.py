@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn as nn
@@ -12,23 +12,43 @@ from bench.config import build_config
 from bench.registry import Registry
 from bench.threat import ThreatModel, check_eps, check_norm
 
+if TYPE_CHECKING:
+    from bench.evaluation import EvalContext
+
+KINDS = ("gradient", "score", "decision", "transfer", "noise")
+
 
 class Attack:
     """An attack: `attack(model, x, y) -> x_adv` with x in [0, 1].
 
     Subclasses define `Config`, a frozen dataclass whose defaults are the paper's (it must
     have `norm` and `eps` fields), and `perturb`. The model is in eval mode when called.
-    `implementation` says whose code runs (ours or a library, with its version).
+
+    Class attributes the evaluation and the sanity checks read:
+    - `implementation`: whose code runs (ours, or a library with its version);
+    - `kind`: "gradient" (white-box), "score" (black-box, sees logits), "decision" (black-box,
+      sees labels only), "transfer" (black-box, gradients of a surrogate), "noise" (no search);
+    - `minimum_norm`: the attack looks for the smallest adversarial perturbation and returns it
+      wherever it lies (or x where it found none); a sample counts as robust at eps when the
+      returned point is classified correctly or lies farther than eps. Otherwise the returned
+      point must lie in the eps ball.
+
+    Iterative attacks call `observe(logits, y, loss)` at each iterate they evaluate; the
+    evaluation reads the record (`start_trace` / `pop_trace`) to find silent successes (an
+    iterate fooled the model but the returned point does not) and to draw loss traces.
     """
 
     Config: ClassVar[type]
     implementation: ClassVar[str] = "atbench"
+    kind: ClassVar[str] = "gradient"
+    minimum_norm: ClassVar[bool] = False
     name: ClassVar[str]
 
     def __init__(self, **params):
         self.config = build_config(self.Config, params, f"attack {self.name!r}")
         check_norm(self.config.norm)
         check_eps(self.config.eps, self.config.norm)
+        self._trace: list[TraceStep] | None = None
 
     @property
     def threat(self) -> ThreatModel:
@@ -37,11 +57,42 @@ class Attack:
     def params(self) -> dict:
         return dataclasses.asdict(self.config)
 
+    def prepare(self, ctx: "EvalContext") -> None:
+        """Obtain what the attack needs beyond the model (a surrogate, trained on demand) before
+        the first batch. Default: nothing."""
+
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.perturb(model, x, y)
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ optimization trace
+
+    def observe(self, logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor | None = None,
+                index: torch.Tensor | None = None) -> None:
+        """Record one iterate: which samples it misclassifies and (optionally) their losses.
+        `index` gives the samples' positions in the attacked batch when the iterate covers only
+        some of them (restarts on survivors, per-target runs). Free when no trace is recorded."""
+        if self._trace is not None:
+            fooled = logits.detach().argmax(1) != y
+            self._trace.append(TraceStep(fooled, None if loss is None else loss.detach().float(), index))
+
+    def start_trace(self) -> None:
+        self._trace = []
+
+    def pop_trace(self) -> list["TraceStep"]:
+        trace, self._trace = self._trace or [], None
+        return trace
+
+
+@dataclasses.dataclass
+class TraceStep:
+    """One observed iterate: per-sample misclassification and loss; `index` None = the whole batch."""
+
+    fooled: torch.Tensor
+    loss: torch.Tensor | None
+    index: torch.Tensor | None
 
 
 ATTACKS: Registry[type[Attack]] = Registry("attack", base=Attack)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn as nn
@@ -14,10 +14,15 @@ from bench.config import build_config
 from bench.registry import Registry
 from bench.threat import ThreatModel
 
+if TYPE_CHECKING:
+    from bench.pretrained import Pretrained
+
 
 @dataclass
 class TrainContext:
-    """What the trainer tells a defense. `epoch` counts from 1."""
+    """What the trainer tells a defense. `epoch` counts from 1; `step` is the global optimization
+    step (from 0). `pretrained(defense, ...)` returns another run's model on the same data, trained
+    on demand and cached (see bench.pretrained); call it in `setup`."""
 
     threat: ThreatModel
     num_classes: int
@@ -27,15 +32,17 @@ class TrainContext:
     steps_per_epoch: int
     epoch: int = 1
     step: int = 0
+    pretrained: "Pretrained | None" = None
 
 
 class Defense:
     """A training method. Subclasses define `Config` (a frozen dataclass whose defaults are
-    the paper's) and `training_step`; `setup` and `on_epoch_start` are optional hooks.
+    the paper's) and `training_step`; `setup`, `on_epoch_start` and `on_step_end` are optional.
 
     The trainer puts the model in train mode before each step, calls `training_step`,
-    and back-propagates the returned scalar loss. A defense that needs the model in eval
-    mode for its inner maximization switches it and switches back.
+    back-propagates the returned scalar loss, takes the optimizer step, then calls
+    `on_step_end`. A defense that needs the model in eval mode for its inner maximization
+    switches it and switches back.
     """
 
     Config: ClassVar[type]
@@ -57,6 +64,9 @@ class Defense:
 
     def training_step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: TrainContext) -> torch.Tensor:
         raise NotImplementedError
+
+    def on_step_end(self, model: nn.Module, ctx: TrainContext) -> None:
+        """After the optimizer step (e.g. AWP restores the weights it perturbed)."""
 
     def state_dict(self) -> dict:
         """Extra state to checkpoint (tensors, numbers, strings, containers of them)."""

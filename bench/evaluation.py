@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from sqlalchemy import select
 
 from bench.attack import Attack, load_attacks
@@ -26,11 +27,23 @@ from bench.counting import count_passes
 from bench.data import Dataset, eval_indices
 from bench.errors import BenchError
 from bench.models import eval_mode
+from bench.pretrained import Pretrained
 from bench.provenance import provenance
 from bench.store import Evaluation, SampleResult, Store
 
 BALL_TOLERANCE = 1e-5
 CLEAN = "clean"
+
+
+@dataclass
+class EvalContext:
+    """What an attack's `prepare` may use: the dataset, the device, the checkpoint's threat model
+    and `pretrained` (other runs on the same data, trained on demand and cached; see
+    bench.pretrained; it has no training config of its own, so callers give `train`)."""
+
+    data: Dataset
+    device: torch.device
+    pretrained: Pretrained
 
 
 @dataclass(frozen=True)
@@ -67,28 +80,86 @@ def perturbation_norms(x_adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch
     return delta.abs().amax(1) if norm == "Linf" else delta.norm(p=2, dim=1)
 
 
+@dataclass
+class AttackResult:
+    """Per-sample outcome of one attack (or of `clean`) on a sample set.
+
+    `correct`: still classified correctly (for a minimum-norm attack: no adversarial point within
+    eps); `norms`: distance of the returned point (minimum-norm attacks: NaN where none was found);
+    `losses`: cross-entropy at the returned point; `ever_fooled`: an observed iterate or the returned
+    point was misclassified (None when the attack observes no iterates)."""
+
+    correct: torch.Tensor
+    norms: torch.Tensor | None
+    losses: torch.Tensor
+    ever_fooled: torch.Tensor | None
+    loss_trace: list[float] | None
+    forward: int
+    backward: int
+    seconds: float
+
+    @property
+    def silent_success(self) -> torch.Tensor | None:
+        """Samples that an iterate fooled although the returned point does not (Pintor et al. 2022)."""
+        return None if self.ever_fooled is None else self.ever_fooled & self.correct
+
+
 def run_attack(model: nn.Module, attack: Attack | None, x: torch.Tensor, y: torch.Tensor,
-               batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None, int, int, float]:
-    """Per-sample correctness (and perturbation norms) under `attack` (None: clean), with
-    the attack's forward/backward passes and seconds. Checks every returned point lies in
-    [0, 1] and in the eps ball: an attack that leaves its threat model is a bug, not a result."""
-    correct, norms = [], []
+               batch_size: int) -> AttackResult:
+    """Per-sample results under `attack` (None: clean), with the attack's forward/backward passes
+    and seconds. Checks every returned point lies in [0, 1] and (unless the attack is minimum-norm)
+    in the eps ball: an attack that leaves its threat model is a bug, not a result."""
+    correct, norms, losses, ever, traces = [], [], [], [], []
     with eval_mode(model), count_passes(model) as counter:
         start = time.perf_counter()
         for i in range(0, len(x), batch_size):
             xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-            xa = xb if attack is None else attack(model, xb, yb).detach()
+            if attack is not None:
+                attack.start_trace()
+                xa = attack(model, xb, yb).detach()
+                trace = attack.pop_trace()
+            else:
+                xa, trace = xb, []
+            with torch.no_grad():
+                logits = model(xa)
+            ok = logits.argmax(1) == yb
             if attack is not None:
                 dist = perturbation_norms(xa, xb, attack.config.norm)
-                if xa.min() < 0 or xa.max() > 1 or (dist > attack.config.eps + BALL_TOLERANCE).any():
+                outside = dist > attack.config.eps + BALL_TOLERANCE
+                if xa.min() < 0 or xa.max() > 1 or (outside.any() and not attack.minimum_norm):
                     raise BenchError(f"attack {attack.name!r} returned points outside [0, 1] or its "
                                      f"{attack.threat} ball (max distance {dist.max().item():.6g})")
+                if attack.minimum_norm:
+                    dist = torch.where(ok, torch.full_like(dist, float("nan")), dist)
+                    ok = ok | outside
                 norms.append(dist.cpu())
-            with torch.no_grad():
-                correct.append((model(xa).argmax(1) == yb).cpu())
+                if trace:
+                    fooled = ~ok.clone()
+                    for step in trace:
+                        if step.index is None:
+                            fooled |= step.fooled
+                        else:
+                            fooled[step.index] |= step.fooled
+                    ever.append(fooled.cpu())
+                    traces.append([step.loss.mean().item() for step in trace
+                                   if step.index is None and step.loss is not None])
+            correct.append(ok.cpu())
+            losses.append(F.cross_entropy(logits, yb, reduction="none").cpu())
         seconds = time.perf_counter() - start
         forward, backward = counter.forward, counter.backward
-    return torch.cat(correct), (torch.cat(norms) if norms else None), forward, backward, seconds
+    n_batches = -(-len(x) // batch_size)
+    return AttackResult(torch.cat(correct), torch.cat(norms) if norms else None, torch.cat(losses),
+                        torch.cat(ever) if len(ever) == n_batches and n_batches else None,
+                        _mean_trace(traces, [min(batch_size, len(x) - i) for i in range(0, len(x), batch_size)]),
+                        forward, backward, seconds)
+
+
+def _mean_trace(traces: list[list[float]], sizes: list[int]) -> list[float] | None:
+    """The per-iterate mean loss over all samples, when every batch traced the same number of iterates."""
+    if not traces or len(traces) != len(sizes) or len({len(t) for t in traces}) != 1 or not traces[0]:
+        return None
+    total = sum(sizes)
+    return [sum(t[k] * n for t, n in zip(traces, sizes)) / total for k in range(len(traces[0]))]
 
 
 def evaluate_checkpoint(store: Store, checkpoint: str | Path, data: Dataset, specs: Sequence[AttackSpec], *,
@@ -123,7 +194,8 @@ def evaluate_checkpoint(store: Store, checkpoint: str | Path, data: Dataset, spe
                 continue
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            correct, norms, fwd, bwd, seconds = run_attack(model, attack, x, y, batch_size)
+            result = run_attack(model, attack, x, y, batch_size)
+        correct, norms, fwd, bwd, seconds = result.correct, result.norms, result.forward, result.backward, result.seconds
         row = Evaluation(checkpoint_sha256=sha, label=spec.label, attack=spec.attack,
                          norm=attack.config.norm if attack else None, eps=attack.config.eps if attack else None,
                          config_hash=config_hash, indices_hash=indices_hash, dataset=data.name,

@@ -56,10 +56,49 @@ def build_model_from_spec(spec: dict) -> nn.Module:
                        mean=spec["mean"], std=spec["std"], **spec.get("kwargs", {}))
 
 
+# --------------------------------------------------------------------------- classifier heads
+
+HEADS = ("linear", "cosine")
+
+
+class CosineClassifier(nn.Module):
+    """Normalized head: logit j = cos θ_j between the feature and a unit-norm class prototype
+    w_j (no bias), in [−1, 1]. Losses that want s·cos θ (NCE/CosFace, SPAT) scale it themselves."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features))
+        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(features, dim=1) @ F.normalize(self.weight, dim=1).t()
+
+
+def classifier_head(in_features: int, num_classes: int, head: str) -> nn.Module:
+    """The last layer of every registered model: "linear" (default) or "cosine" (normalized prototypes)."""
+    if head not in HEADS:
+        raise BenchError(f"unknown head {head!r}; accepted: {', '.join(HEADS)}")
+    return nn.Linear(in_features, num_classes) if head == "linear" else CosineClassifier(in_features, num_classes)
+
+
+# --------------------------------------------------------------------------- MLP
+
+@register_model()
+def mlp(num_classes: int, input_shape: tuple, hidden: int = 256, depth: int = 2, head: str = "linear") -> nn.Module:
+    """A fully connected ReLU network (`depth` hidden layers of `hidden` units): a cheap second
+    architecture for surrogates and ensembles on small images."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = int(torch.tensor(input_shape).prod())
+    for _ in range(depth):
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    return nn.Sequential(*layers, classifier_head(width, num_classes, head))
+
+
 # --------------------------------------------------------------------------- small CNN
 
 @register_model()
-def small_cnn(num_classes: int, input_shape: tuple, width: int = 32, hidden: int = 200) -> nn.Module:
+def small_cnn(num_classes: int, input_shape: tuple, width: int = 32, hidden: int = 200, head: str = "linear") -> nn.Module:
     """The 4-conv + 3-FC CNN of the TRADES MNIST experiments (Zhang et al. 2019), sized
     from the input so it also fits 8×8 digits. Widths 32-32-64-64, hidden 200-200."""
     c, h, w = input_shape
@@ -77,7 +116,7 @@ def small_cnn(num_classes: int, input_shape: tuple, width: int = 32, hidden: int
         features,
         nn.Linear(flat, hidden), nn.ReLU(),
         nn.Linear(hidden, hidden), nn.ReLU(),
-        nn.Linear(hidden, num_classes),
+        classifier_head(hidden, num_classes, head),
     )
 
 
@@ -103,7 +142,7 @@ class PreActBlock(nn.Module):
 
 
 class PreActResNet(nn.Module):
-    def __init__(self, num_blocks: Sequence[int], num_classes: int, in_channels: int):
+    def __init__(self, num_blocks: Sequence[int], num_classes: int, in_channels: int, head: str = "linear"):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
         layers, in_planes = [], 64
@@ -114,7 +153,7 @@ class PreActResNet(nn.Module):
                 in_planes = planes
         self.layers = nn.Sequential(*layers)
         self.bn = nn.BatchNorm2d(in_planes)
-        self.linear = nn.Linear(in_planes, num_classes)
+        self.linear = classifier_head(in_planes, num_classes, head)
 
     def forward(self, x):
         out = F.relu(self.bn(self.layers(self.conv1(x))))
@@ -122,9 +161,9 @@ class PreActResNet(nn.Module):
 
 
 @register_model()
-def preact_resnet18(num_classes: int, input_shape: tuple) -> nn.Module:
+def preact_resnet18(num_classes: int, input_shape: tuple, head: str = "linear") -> nn.Module:
     """PreAct ResNet-18 (He et al. 2016), the architecture of Wong et al. 2020 and Rice et al. 2020."""
-    return PreActResNet([2, 2, 2, 2], num_classes, input_shape[0])
+    return PreActResNet([2, 2, 2, 2], num_classes, input_shape[0], head)
 
 
 # --------------------------------------------------------------------------- Wide ResNet
@@ -147,7 +186,7 @@ class WideBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-    def __init__(self, depth: int, width: int, num_classes: int, in_channels: int):
+    def __init__(self, depth: int, width: int, num_classes: int, in_channels: int, head: str = "linear"):
         super().__init__()
         if (depth - 4) % 6 != 0 or depth < 10:
             raise BenchError(f"wrn depth must be 6n+4 (e.g. 28, 34), got {depth}")
@@ -161,7 +200,7 @@ class WideResNet(nn.Module):
                 in_planes = planes
         self.blocks = nn.Sequential(*blocks)
         self.bn = nn.BatchNorm2d(in_planes)
-        self.fc = nn.Linear(in_planes, num_classes)
+        self.fc = classifier_head(in_planes, num_classes, head)
 
     def forward(self, x):
         out = F.relu(self.bn(self.blocks(self.conv1(x))))
@@ -169,10 +208,10 @@ class WideResNet(nn.Module):
 
 
 @register_model()
-def wrn(num_classes: int, input_shape: tuple, depth: int = 34, width: int = 10) -> nn.Module:
+def wrn(num_classes: int, input_shape: tuple, depth: int = 34, width: int = 10, head: str = "linear") -> nn.Module:
     """Wide ResNet (Zagoruyko & Komodakis 2016); WRN-34-10 is Madry et al./TRADES' CIFAR model,
     WRN-28-10 Carmon et al.'s. Set `depth` and `width`."""
-    return WideResNet(depth, width, num_classes, input_shape[0])
+    return WideResNet(depth, width, num_classes, input_shape[0], head)
 
 
 @contextmanager

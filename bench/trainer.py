@@ -30,6 +30,7 @@ from bench.data import Dataset, augment_batch, dataset_options
 from bench.defense import Defense, TrainContext, load_defenses
 from bench.errors import BenchError
 from bench.models import build_model, eval_mode, model_params
+from bench.pretrained import Pretrained
 from bench.provenance import provenance
 from bench.store import Run, Store, TrainEpoch
 from bench.threat import ThreatModel
@@ -156,7 +157,9 @@ def train(spec: RunSpec, data: Dataset, *, store: Store, checkpoint_root: str | 
     optimizer = _optimizer(cfg, model)
     steps_per_epoch = math.ceil(len(data.train_x) / cfg.batch_size)
     ctx = TrainContext(threat=spec.threat, num_classes=data.num_classes, epochs=cfg.epochs, device=device,
-                       optimizer=optimizer, steps_per_epoch=steps_per_epoch)
+                       optimizer=optimizer, steps_per_epoch=steps_per_epoch,
+                       pretrained=Pretrained(data, store, Path(checkpoint_root), device, spec.threat, spec.model,
+                                             spec.model_params, cfg, spec.seed, progress))
     defense.setup(model, ctx)
 
     state = {"epoch": 0, "best_epoch": None, "best_score": -1.0, "forward": 0, "backward": 0,
@@ -210,6 +213,7 @@ def train(spec: RunSpec, data: Dataset, *, store: Store, checkpoint_root: str | 
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                defense.on_step_end(model, ctx)
                 loss_sum += loss.item() * len(y)
                 seen += len(y)
                 if i % 10 == 0:
@@ -264,7 +268,7 @@ def _sync_store(store: Store, spec: RunSpec, run_id: str, state: dict, directory
     with store.session() as s:
         run = s.get(Run, run_id) or Run(run_id=run_id)
         s.add(run)
-        run.label = spec.label or spec.defense
+        run.label = spec.label or run.label or spec.defense
         run.defense, run.dataset, run.model = spec.defense, spec.dataset, spec.model
         run.norm, run.eps, run.epochs, run.error = spec.threat.norm, spec.threat.eps, spec.train.epochs, None
         run.status = "completed" if state["epoch"] >= spec.train.epochs else "running"

@@ -1,3 +1,8 @@
-"""Defenses (trainers), one file each; importing this package registers them all."""
+"""Defenses (trainers), one file each; importing this package imports every module in it, and
+each registers its defense (adding a defense is adding a file)."""
 
-from defenses import fast_at, fgsm_at, mart, natural, pgd_at, trades  # noqa: F401
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

@@ -20,11 +20,12 @@ torch.set_num_threads(1)
 TINY = {"width": 8, "hidden": 32}  # small_cnn kwargs for the tiny model (7,420 parameters)
 
 
-def tiny_cnn(ds: Dataset, seed: int = 0) -> nn.Module:
-    """A tiny small_cnn for `ds`, in train mode, initialized from `seed`."""
+def tiny_cnn(ds: Dataset, seed: int = 0, **params) -> nn.Module:
+    """A tiny small_cnn for `ds` (more small_cnn `params`, e.g. head="cosine"), in train mode,
+    initialized from `seed`."""
     torch.manual_seed(seed)
     return build_model("small_cnn", num_classes=ds.num_classes, input_shape=ds.input_shape, mean=ds.mean,
-                       std=ds.std, **TINY)
+                       std=ds.std, **{**TINY, **params})
 
 
 @pytest.fixture(scope="session")
@@ -61,14 +62,47 @@ def trained_model(synthetic) -> nn.Module:
     return model
 
 
+# The training config of runs that `ctx.pretrained` trains in unit tests: one quick epoch.
+PRETRAIN = {"epochs": 1, "batch_size": 64, "optimizer": "adam", "lr": 0.01, "weight_decay": 0.0, "val_steps": 1}
+
+
+@pytest.fixture(scope="session")
+def pretrained_root(tmp_path_factory):
+    """A store and checkpoint folder shared by the session's pretrained runs (so each is trained once)."""
+    from bench.store import Store
+
+    root = tmp_path_factory.mktemp("pretrained")
+    return Store(str(root / "results.db")), root / "checkpoints"
+
+
 @pytest.fixture
-def make_ctx():
-    """make_ctx(model, norm="Linf", eps=0.1) -> a TrainContext as the trainer builds it."""
+def make_ctx(synthetic, pretrained_root):
+    """make_ctx(model, norm="Linf", eps=0.1) -> a TrainContext as the trainer builds it. Its
+    `pretrained` trains real (tiny, one-epoch) runs on the synthetic set, cached for the session."""
+    from bench.pretrained import Pretrained
+    from bench.trainer import build_train_config
 
     def make(model: nn.Module, norm: str = "Linf", eps: float = 0.1, num_classes: int = 4) -> TrainContext:
-        return TrainContext(threat=ThreatModel(norm, eps), num_classes=num_classes, epochs=1,
+        threat = ThreatModel(norm, eps)
+        store, checkpoints = pretrained_root
+        pretrained = Pretrained(synthetic, store, checkpoints, torch.device("cpu"), threat, "small_cnn", dict(TINY),
+                                build_train_config(PRETRAIN), seed=0, progress=False)
+        return TrainContext(threat=threat, num_classes=num_classes, epochs=1,
                             device=torch.device("cpu"), optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                            steps_per_epoch=1)
+                            steps_per_epoch=1, pretrained=pretrained)
 
     return make
 
+
+
+@pytest.fixture
+def eval_ctx(synthetic, pretrained_root):
+    """An EvalContext on the synthetic set, as evaluate_checkpoint builds it for an attack's `prepare`
+    (its `pretrained` runs are tiny and cached for the session; callers give `train`)."""
+    from bench.evaluation import EvalContext
+    from bench.pretrained import Pretrained
+
+    store, checkpoints = pretrained_root
+    pretrained = Pretrained(synthetic, store, checkpoints, torch.device("cpu"), synthetic.default_threat,
+                            "small_cnn", dict(TINY), None, seed=0, progress=False)
+    return EvalContext(synthetic, torch.device("cpu"), pretrained)

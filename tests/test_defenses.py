@@ -5,6 +5,7 @@ backward passes per sample that the trainer's cost accounting reports."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -15,6 +16,10 @@ import defenses.mart
 import defenses.trades
 from bench.counting import count_passes
 from bench.defense import DEFENSES, load_defenses
+from bench.store import Run, Store
+from bench.threat import ThreatModel
+from bench.trainer import RunSpec, build_train_config, train
+from tests.conftest import TINY, tiny_cnn
 
 load_defenses()
 NAMES = DEFENSES.names()
@@ -30,6 +35,19 @@ def data(synthetic):
 def trained(trained_model):
     """A private copy of the trained model, in train mode as the trainer hands it to a defense."""
     return copy.deepcopy(trained_model).train()
+
+
+def model_for(name: str, ds) -> nn.Module:
+    """A fresh tiny small_cnn with the model parameters the defense needs (MODEL_PARAMS)."""
+    return tiny_cnn(ds, **MODEL_PARAMS.get(name, {}))
+
+
+def ready(name: str, model: nn.Module, ctx, **params):
+    """The defense with `setup` and `on_epoch_start(1)` done, as the trainer hands it a first batch."""
+    defense = DEFENSES.get(name)(**params)
+    defense.setup(model, ctx)
+    defense.on_epoch_start(1, ctx)
+    return defense
 
 
 def record_forwards(model):
@@ -52,15 +70,13 @@ def ce(model, x, y):
 
 @pytest.mark.parametrize("norm, eps", [("Linf", 0.1), ("L2", 0.5)])
 @pytest.mark.parametrize("name", NAMES)
-def test_training_step(name, norm, eps, tiny_model, data, make_ctx):
-    model = tiny_model
+def test_training_step(name, norm, eps, synthetic, data, make_ctx):
+    model = model_for(name, synthetic)
     assert model.training
     x, y = data
     x_before = x.clone()
     ctx = make_ctx(model, norm, eps)
-    defense = DEFENSES.get(name)()
-    defense.setup(model, ctx)
-    defense.on_epoch_start(1, ctx)
+    defense = ready(name, model, ctx)
     torch.manual_seed(0)
     loss = defense.training_step(model, x, y, ctx)
 
@@ -77,14 +93,40 @@ def test_training_step(name, norm, eps, tiny_model, data, make_ctx):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_defense_is_deterministic_given_the_seed(name, tiny_model, data, make_ctx):
+def test_defense_is_deterministic_given_the_seed(name, synthetic, data, make_ctx):
+    """Two fresh defenses on two copies of the model (a defense may take optimizer steps of its
+    own, as Free-AT does) give the same loss from the same seed."""
     x, y = data
-    ctx = make_ctx(tiny_model)
     losses = []
     for _ in range(2):
+        model = model_for(name, synthetic)
+        ctx = make_ctx(model)
         torch.manual_seed(1)
-        losses.append(DEFENSES.get(name)().training_step(tiny_model, x, y, ctx).item())
+        defense = ready(name, model, ctx)
+        losses.append(defense.training_step(model, x, y, ctx).item())
     assert losses[0] == losses[1]
+
+
+# Model parameters a defense needs beyond the tiny small_cnn (SPAT trains a normalized head).
+MODEL_PARAMS = {"spat": {"head": "cosine"}}
+ONE_EPOCH = {"epochs": 1, "batch_size": 64, "optimizer": "adam", "lr": 0.003, "weight_decay": 0.0, "val_steps": 2}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_one_epoch_with_the_trainer(name, synthetic, tmp_path):
+    """Every defense trains one epoch of the synthetic set through the shared trainer (its own
+    pretrained runs, if any, included): checkpoints, a logged epoch, finite loss, counted passes."""
+    spec = RunSpec(defense=name, dataset="synthetic", model="small_cnn", threat=ThreatModel("Linf", 0.1),
+                   train=build_train_config(ONE_EPOCH), model_params={**TINY, **MODEL_PARAMS.get(name, {})}, seed=0)
+    store = Store(str(tmp_path / "results.db"))
+    result = train(spec, synthetic, store=store, checkpoint_root=tmp_path / "checkpoints", progress=False)
+    assert result.trained_now and result.epochs_done == 1
+    assert (result.directory / "best.pt").exists() and (result.directory / "last.pt").exists()
+    with store.session() as s:
+        run = s.get(Run, spec.run_id)
+        assert run.status == "completed" and len(run.epoch_rows) == 1
+        assert math.isfinite(run.epoch_rows[0].loss)
+        assert run.forward_per_sample >= 1 and run.backward_per_sample >= 1
 
 
 # Modes of the model's forwards in one step (T = train, F = eval). TRADES and MART generate x' in
@@ -100,13 +142,16 @@ MODES = {
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_forward_modes(name, tiny_model, data, make_ctx):
+def test_forward_modes(name, synthetic, data, make_ctx):
     if name not in MODES:
         pytest.fail(f"new defense {name!r}: add its expected forward modes to MODES")
     x, y = data
-    inputs, modes, handle = record_forwards(tiny_model)
+    model = model_for(name, synthetic)
+    ctx = make_ctx(model)
+    defense = ready(name, model, ctx)
+    inputs, modes, handle = record_forwards(model)
     torch.manual_seed(0)
-    DEFENSES.get(name)().training_step(tiny_model, x, y, make_ctx(tiny_model))
+    defense.training_step(model, x, y, ctx)
     handle.remove()
     assert "".join("T" if m else "F" for m in modes) == MODES[name]
 
@@ -151,15 +196,17 @@ STEPS = {"pgd_at": 10, "trades": 10, "mart": 10}
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_passes_per_sample(name, tiny_model, data, make_ctx):
+def test_passes_per_sample(name, synthetic, data, make_ctx):
     if name not in PASSES:
         pytest.fail(f"new defense {name!r}: add its expected passes to PASSES")
     x, y = data
     params = {"steps": STEPS[name]} if name in STEPS else {}
-    defense = DEFENSES.get(name)(**params)
+    model = model_for(name, synthetic)
+    ctx = make_ctx(model)
+    defense = ready(name, model, ctx, **params)
     torch.manual_seed(0)
-    with count_passes(tiny_model) as counter:
-        defense.training_step(tiny_model, x, y, make_ctx(tiny_model)).backward()
+    with count_passes(model) as counter:
+        defense.training_step(model, x, y, ctx).backward()
     assert (counter.forward / B, counter.backward / B) == PASSES[name]
 
 

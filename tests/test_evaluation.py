@@ -260,7 +260,8 @@ def test_run_attack_uses_eval_mode_and_restores_the_mode(checkpoint, data, regis
     RecordsMode.modes = []
     model, _ = load_model(checkpoint)
     model.train()
-    correct, norms, fwd, bwd, _ = run_attack(model, None, data.test_x, data.test_y, 16)
+    result = run_attack(model, None, data.test_x, data.test_y, 16)
+    correct, norms, fwd, bwd = result.correct, result.norms, result.forward, result.backward
     assert model.training and correct.shape == (N_TEST,) and norms is None and (fwd, bwd) == (N_TEST, 0)
     attack = RecordsMode()
     with pytest.raises(RuntimeError, match="attack crashed"):

@@ -1,0 +1,75 @@
+"""Models trained on demand and cached like any run: a TGCL teacher, the natural starting point
+of transfer AT, EAT's static models, a transfer attack's surrogate.
+
+`Pretrained` is handed to defenses (`ctx.pretrained`) and attacks (`ctx.pretrained` in
+`Attack.prepare`). Calling it names a defense and, optionally, another architecture or training
+budget; it trains that run with the shared trainer if it is not stored yet (resuming an
+interrupted one, like any run) and returns the model, frozen and in eval mode. The run is an
+ordinary run: its id is the hash of its config, it appears in the store, and the run that asked
+for it is identified by a config that determines it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+
+from bench.errors import BenchError
+from bench.threat import ThreatModel
+
+if TYPE_CHECKING:
+    from bench.data import Dataset
+    from bench.store import Store
+    from bench.trainer import RunSpec, TrainConfig
+
+
+@dataclass
+class Pretrained:
+    """Trains (or finds) runs on `data` that share the asking run's dataset, threat model, seed
+    and, unless told otherwise, architecture and training config."""
+
+    data: "Dataset"
+    store: "Store"
+    checkpoint_root: Path
+    device: torch.device
+    threat: ThreatModel
+    model: str
+    model_params: dict = field(default_factory=dict)
+    train: "TrainConfig | None" = None  # None: every call must give `train`
+    seed: int = 0
+    progress: bool = True
+
+    def spec(self, defense: str = "natural", *, model: str | None = None, model_params: dict | None = None,
+             train: dict | None = None, defense_params: dict | None = None, seed: int | None = None) -> "RunSpec":
+        """The run a call with these arguments trains. `train` overrides fields of the asking
+        run's training config; `model_params` apply to `model` (default: the asking run's)."""
+        from bench.trainer import RunSpec, TrainConfig, build_train_config
+
+        if self.train is None and not train:
+            raise BenchError(f"a pretrained {defense!r} model needs a training config here (give `train`)")
+        base = dataclasses.asdict(self.train) if self.train is not None else dataclasses.asdict(TrainConfig())
+        return RunSpec(defense=defense, dataset=self.data.name, model=model or self.model,
+                       threat=self.threat, train=build_train_config({**base, **(train or {})}, f"pretrained {defense!r}"),
+                       defense_params=dict(defense_params or {}),
+                       model_params=dict(model_params if model_params is not None else {} if model else self.model_params),
+                       dataset_options=dict(self.data.options), seed=self.seed if seed is None else seed)
+
+    def __call__(self, defense: str = "natural", *, which: str = "best", **kwargs) -> nn.Module:
+        """The `which` ("best" or "last") checkpoint of that run, on the device, frozen, in eval mode."""
+        from bench.checkpoint import load_model
+        from bench.trainer import train
+
+        if which not in ("best", "last"):
+            raise BenchError(f"pretrained checkpoint must be 'best' or 'last', got {which!r}")
+        spec = self.spec(defense, **kwargs)
+        if self.progress:
+            print(f"  pretrained {defense} ({spec.model}, {spec.train.epochs} epochs): run {spec.run_id}", flush=True)
+        result = train(spec, self.data, store=self.store, checkpoint_root=self.checkpoint_root, device=self.device,
+                       progress=self.progress)
+        model, _ = load_model(result.directory / f"{which}.pt")
+        return model.to(self.device).eval().requires_grad_(False)
