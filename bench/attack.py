@@ -36,6 +36,10 @@ class Attack:
     Iterative attacks call `observe(logits, y, loss)` at each iterate they evaluate; the
     evaluation reads the record (`start_trace` / `pop_trace`) to find silent successes (an
     iterate fooled the model but the returned point does not) and to draw loss traces.
+    An attack may also add JSON-able numbers to `self.stats` (accumulated over batches, e.g.
+    AutoAttack's robust count after each component); the evaluation stores them.
+
+    Randomness comes from the global torch RNG, which the evaluation seeds.
     """
 
     Config: ClassVar[type]
@@ -49,6 +53,7 @@ class Attack:
         check_norm(self.config.norm)
         check_eps(self.config.eps, self.config.norm)
         self._trace: list[TraceStep] | None = None
+        self.stats: dict = {}
 
     @property
     def threat(self) -> ThreatModel:
