@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-samples", type=int, default=None, help="size of the fixed evaluation subset (default: whole test set)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--no-curves", action="store_true", help="skip the curves (accuracy/loss vs eps, steps, restarts)")
+    p.add_argument("--curve-samples", type=int, default=200, help="samples the curves use (default: 200)")
+    p.add_argument("--no-sanity", action="store_true", help="skip the sanity checks")
+    p.add_argument("--checkpoints", default="checkpoints", help="where runs an attack needs (a surrogate) are kept")
     _common(p)
 
     p = sub.add_parser("run", help="train and evaluate a suite, then render the report")
@@ -131,9 +135,12 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from bench.checkpoint import load_model
+    from bench.checkpoint import load_model, sha256_file
+    from bench.config import build_config
+    from bench.curves import CurveSettings
     from bench.data import load_dataset
     from bench.evaluation import evaluate_checkpoint, worst_case
+    from bench.sanity import stored_checks
     from bench.store import Store
 
     _, meta = load_model(args.checkpoint)
@@ -145,13 +152,20 @@ def cmd_eval(args) -> None:
             raise BenchError(f"attack {spec.label!r} uses {spec.params['norm']} but the checkpoint was trained for "
                              f"{meta['norm']}: give its eps, e.g. {spec.attack}:norm=\"L2\",eps=0.5")
         spec.build()
+    curves = None if args.no_curves else build_config(CurveSettings, {"n_samples": args.curve_samples}, "--curve-samples")
     data = load_dataset(meta["dataset"], data_dir=args.data_dir, **meta.get("dataset_options", {}))
     store = Store(args.db)
     print(f"evaluating {args.checkpoint} ({meta['dataset']}, trained for {meta['norm']} eps={meta['eps']:g})")
-    outcomes = evaluate_checkpoint(store, args.checkpoint, data, specs, n_samples=args.n_samples, seed=args.seed,
-                                   batch_size=args.batch_size, device=_device(args.device), force=args.force)
+    report = evaluate_checkpoint(store, args.checkpoint, data, specs, n_samples=args.n_samples, seed=args.seed,
+                                 batch_size=args.batch_size, device=_device(args.device), force=args.force,
+                                 curves=curves, sanity=not args.no_sanity, checkpoint_root=args.checkpoints)
+    outcomes = report.outcomes
     acc, n = worst_case(store, [o.evaluation_id for o in outcomes])
     print(f"  {'worst case':<12} {acc:7.2%}  (per-sample AND over {len(outcomes)} evaluations, n={n})")
+    if not args.no_sanity:
+        for row in stored_checks(store, sha256_file(args.checkpoint), meta["norm"], meta["eps"]):
+            if row.status in ("fail", "warn"):
+                print(f"  {row.status.upper():<4} {row.name}: {row.summary}")
 
 
 def cmd_run(args) -> None:

@@ -26,13 +26,14 @@ class TrainContext:
 
     threat: ThreatModel
     num_classes: int
+    input_shape: tuple[int, ...]
     epochs: int
     device: torch.device
     optimizer: torch.optim.Optimizer
     steps_per_epoch: int
+    pretrained: "Pretrained"
     epoch: int = 1
     step: int = 0
-    pretrained: "Pretrained | None" = None
 
 
 class Defense:

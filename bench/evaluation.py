@@ -1,9 +1,10 @@
-"""Evaluation stage: run attacks on a checkpoint over a fixed, recorded sample set and store
-per-sample correctness, pass counts, seconds and implementation for each.
+"""Evaluation stage for one checkpoint: sanity pre-checks → clean and the attacks (in the order
+given, cheap to expensive) → curves → sanity post-checks, every result stored with provenance.
 
-An evaluation is identified by (checkpoint sha256, attack, attack config, sample indices,
-seed); one that is already stored is skipped unless `force`. The `clean` evaluation
-(no attack) always comes first. Robust accuracy under all attacks is the per-sample AND
+An evaluation is identified by (checkpoint sha256, attack, attack config + implementation +
+protocol, sample indices, seed); one that is already stored is skipped unless `force`. Each
+batch of an attack starts from the RNG state `batch_seed(seed, first index)`, so a result does
+not depend on what ran before it. Robust accuracy under all attacks is the per-sample AND
 (`worst_case`), never the minimum of per-attack accuracies.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,16 +32,19 @@ from bench.models import eval_mode
 from bench.pretrained import Pretrained
 from bench.provenance import provenance
 from bench.store import Evaluation, SampleResult, Store
+from bench.threat import ThreatModel
 
 BALL_TOLERANCE = 1e-5
 CLEAN = "clean"
+PROTOCOL = 2  # 2: per-batch seeding. Part of every evaluation's identity: bump it when results change.
+TRACE_POINTS = 200  # a stored loss trace is thinned to at most this many points
 
 
 @dataclass
 class EvalContext:
-    """What an attack's `prepare` may use: the dataset, the device, the checkpoint's threat model
-    and `pretrained` (other runs on the same data, trained on demand and cached; see
-    bench.pretrained; it has no training config of its own, so callers give `train`)."""
+    """What an attack's `prepare` may use: the dataset, the device and `pretrained` (other runs on
+    the same data, trained on demand and cached; see bench.pretrained; it has no training
+    config of its own, so callers give `train`)."""
 
     data: Dataset
     device: torch.device
@@ -71,15 +76,6 @@ class Outcome:
     evaluation_id: int
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def perturbation_norms(x_adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
-    delta = (x_adv - x).flatten(1)
-    return delta.abs().amax(1) if norm == "Linf" else delta.norm(p=2, dim=1)
-
-
 @dataclass
 class AttackResult:
     """Per-sample outcome of one attack (or of `clean`) on a sample set.
@@ -104,16 +100,46 @@ class AttackResult:
         return None if self.ever_fooled is None else self.ever_fooled & self.correct
 
 
+@dataclass
+class SampleSet:
+    """A fixed, recorded evaluation subset of the test split."""
+
+    indices: list[int]
+    digest: str
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def batch_seed(seed: int, start: int) -> int:
+    """The RNG seed of the batch that begins at position `start` of a sample set."""
+    return (seed * 1_000_003 + start) % (2 ** 63)
+
+
+def perturbation_norms(x_adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
+    delta = (x_adv - x).flatten(1)
+    return delta.abs().amax(1) if norm == "Linf" else delta.norm(p=2, dim=1)
+
+
 def run_attack(model: nn.Module, attack: Attack | None, x: torch.Tensor, y: torch.Tensor,
-               batch_size: int) -> AttackResult:
+               batch_size: int, seed: int | None = None) -> AttackResult:
     """Per-sample results under `attack` (None: clean), with the attack's forward/backward passes
-    and seconds. Checks every returned point lies in [0, 1] and (unless the attack is minimum-norm)
-    in the eps ball: an attack that leaves its threat model is a bug, not a result."""
+    and seconds; with `seed`, each batch reseeds the global RNG (`batch_seed`). Checks every
+    returned point lies in [0, 1] and (unless the attack is minimum-norm) in the eps ball: an
+    attack that leaves its threat model is a bug, not a result."""
     correct, norms, losses, ever, traces = [], [], [], [], []
     with eval_mode(model), count_passes(model) as counter:
         start = time.perf_counter()
         for i in range(0, len(x), batch_size):
             xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            if seed is not None:
+                torch.manual_seed(batch_seed(seed, i))
             if attack is not None:
                 attack.start_trace()
                 xa = attack(model, xb, yb).detach()
@@ -147,11 +173,10 @@ def run_attack(model: nn.Module, attack: Attack | None, x: torch.Tensor, y: torc
             losses.append(F.cross_entropy(logits, yb, reduction="none").cpu())
         seconds = time.perf_counter() - start
         forward, backward = counter.forward, counter.backward
-    n_batches = -(-len(x) // batch_size)
+    sizes = [min(batch_size, len(x) - i) for i in range(0, len(x), batch_size)]
     return AttackResult(torch.cat(correct), torch.cat(norms) if norms else None, torch.cat(losses),
-                        torch.cat(ever) if len(ever) == n_batches and n_batches else None,
-                        _mean_trace(traces, [min(batch_size, len(x) - i) for i in range(0, len(x), batch_size)]),
-                        forward, backward, seconds)
+                        torch.cat(ever) if len(ever) == len(sizes) and sizes else None,
+                        _mean_trace(traces, sizes), forward, backward, seconds)
 
 
 def _mean_trace(traces: list[list[float]], sizes: list[int]) -> list[float] | None:
@@ -162,57 +187,170 @@ def _mean_trace(traces: list[list[float]], sizes: list[int]) -> list[float] | No
     return [sum(t[k] * n for t, n in zip(traces, sizes)) / total for k in range(len(traces[0]))]
 
 
+def thin(values: Sequence[float], points: int = TRACE_POINTS) -> list[float]:
+    """At most `points` values, evenly spaced, the last one kept."""
+    if len(values) <= points:
+        return list(values)
+    step = (len(values) - 1) / (points - 1)
+    return [values[round(k * step)] for k in range(points)]
+
+
+class Evaluator:
+    """Evaluations of one loaded checkpoint on its dataset: finds stored ones, runs and stores new ones."""
+
+    def __init__(self, store: Store, checkpoint: str | Path, data: Dataset, *, seed: int = 0,
+                 batch_size: int = 256, device: torch.device | str = "cpu", force: bool = False,
+                 checkpoint_root: str | Path = "checkpoints", log: Callable[[str], None] = print):
+        self.store, self.checkpoint, self.data, self.seed = store, str(checkpoint), data, seed
+        self.batch_size, self.device, self.force, self.log = batch_size, torch.device(device), force, log
+        model, meta = load_model(checkpoint)
+        if meta["dataset"] != data.name:
+            raise BenchError(f"checkpoint {self.checkpoint!r} was trained on {meta['dataset']!r}, not {data.name!r}")
+        if meta.get("dataset_options", {}) != data.options:
+            raise BenchError(f"checkpoint {self.checkpoint!r} was trained on {data.name!r} with options "
+                             f"{meta.get('dataset_options', {})}, not {data.options}")
+        self.model, self.meta = model.to(self.device), meta
+        self.threat = ThreatModel(meta["norm"], meta["eps"])
+        self.sha = sha256_file(checkpoint)
+        spec = meta["model_spec"]
+        self.context = EvalContext(data, self.device, Pretrained(
+            data, store, Path(checkpoint_root), self.device, self.threat, spec["name"], spec.get("kwargs", {}),
+            None, seed))
+        self._prepared: set[int] = set()
+        self.fresh: set[int] = set()  # ids of the evaluations this evaluator computed (reused even under force)
+
+    @property
+    def computed(self) -> int:
+        """How many evaluations this evaluator computed (the rest were found stored)."""
+        return len(self.fresh)
+
+    def reusable(self, row: Evaluation | None) -> bool:
+        return row is not None and (not self.force or row.evaluation_id in self.fresh)
+
+    def samples(self, n_samples: int | None) -> SampleSet:
+        indices = eval_indices(len(self.data.test_x), n_samples)
+        idx = torch.tensor(indices, dtype=torch.long)
+        return SampleSet(indices, digest([self.data.name, self.data.options, indices]),
+                         self.data.test_x[idx].to(self.device), self.data.test_y[idx].to(self.device))
+
+    @staticmethod
+    def config_hash(attack_name: str, params: dict, implementation: str) -> str:
+        return digest({"attack": attack_name, "params": params, "implementation": implementation,
+                       "protocol": PROTOCOL})
+
+    def find(self, attack_name: str, params: dict, implementation: str, samples: SampleSet) -> Evaluation | None:
+        with self.store.session() as s:
+            return self.store.find_evaluation(s, self.sha, attack_name, self.config_hash(attack_name, params, implementation),
+                                              samples.digest, self.seed)
+
+    def evaluate(self, label: str, attack_name: str, attack: Attack | None, samples: SampleSet,
+                 role: str = "attack") -> Outcome:
+        """The stored evaluation of `attack` on `samples`, or a new one. A stored curve point that
+        is now asked for as an attack becomes one (it is a leaderboard column from then on)."""
+        params = attack.params() if attack is not None else {}
+        impl = attack.implementation if attack is not None else "atbench"
+        old = self.find(attack_name, params, impl, samples)
+        if self.reusable(old):
+            if role == "attack" and (old.role != "attack" or old.label != label):
+                with self.store.session() as s:
+                    row = s.get(Evaluation, old.evaluation_id)
+                    row.role, row.label = "attack", label
+            return Outcome(label, attack_name, old.robust_acc, old.n_samples, old.forward_passes,
+                           old.backward_passes, old.seconds, True, old.evaluation_id)
+        if attack is not None and id(attack) not in self._prepared:
+            attack.prepare(self.context)
+            self._prepared.add(id(attack))
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            result = run_attack(self.model, attack, samples.x, samples.y, self.batch_size, self.seed)
+        diagnostics = {}
+        if attack is not None:
+            diagnostics = _diagnostics(result, samples, attack)
+        evaluation_id = self.save(label, attack_name, params, impl, result, samples, role, diagnostics,
+                                  attack.config.norm if attack else None, attack.config.eps if attack else None)
+        if role == "attack":
+            n = len(samples)
+            self.log(f"  {label:<12} {result.correct.float().mean().item():7.2%}  ({result.forward / n:.0f} fwd, "
+                     f"{result.backward / n:.0f} bwd per sample, {result.seconds:.1f}s)")
+        return Outcome(label, attack_name, float(result.correct.float().mean()), len(samples), result.forward,
+                       result.backward, result.seconds, False, evaluation_id)
+
+    def save(self, label: str, attack_name: str, params: dict, implementation: str, result: AttackResult,
+             samples: SampleSet, role: str, diagnostics: dict, norm: str | None, eps: float | None) -> int:
+        """Store one result (replacing a stored one of the same identity) and return its id."""
+        row = Evaluation(checkpoint_sha256=self.sha, label=label, attack=attack_name, norm=norm, eps=eps,
+                         config_hash=self.config_hash(attack_name, params, implementation),
+                         indices_hash=samples.digest, dataset=self.data.name, n_samples=len(samples),
+                         n_correct=int(result.correct.sum()), robust_acc=float(result.correct.float().mean()),
+                         forward_passes=result.forward, backward_passes=result.backward, seconds=result.seconds,
+                         implementation=implementation, role=role, mean_loss=_finite_mean(result.losses),
+                         diagnostics=diagnostics,
+                         **provenance(self.device, {"attack": attack_name, "params": params,
+                                                    "checkpoint": self.checkpoint, "protocol": PROTOCOL}, self.seed))
+        self.store.save_evaluation(row, samples.indices, result.correct.tolist(),
+                                   None if result.norms is None else result.norms.tolist(), result.losses.tolist())
+        self.fresh.add(row.evaluation_id)
+        return row.evaluation_id
+
+
+def _finite_mean(values: torch.Tensor) -> float | None:
+    finite = values[torch.isfinite(values)]
+    return float(finite.mean()) if len(finite) else None
+
+
+def _diagnostics(result: AttackResult, samples: SampleSet, attack: Attack) -> dict:
+    """What the sanity checks and the run page read besides per-sample correctness."""
+    out: dict = {}
+    if attack.stats:
+        out["stats"] = attack.stats
+    if result.silent_success is not None:
+        silent = result.silent_success.nonzero().flatten().tolist()
+        out["silent_success"] = len(silent)
+        out["silent_success_indices"] = [samples.indices[i] for i in silent]
+    if result.loss_trace:
+        out["loss_trace"] = thin(result.loss_trace)
+    if attack.minimum_norm and result.norms is not None:
+        found = result.norms[torch.isfinite(result.norms)]
+        out["found"] = len(found)
+        if len(found):
+            out["mean_norm"] = float(found.mean())
+            out["median_norm"] = float(found.median())
+    return out
+
+
+@dataclass
+class CheckpointReport:
+    """What `evaluate_checkpoint` did: one Outcome per clean/attack evaluation, how many evaluations
+    it computed (attacks and curve points; the rest were stored), and the sanity checks it ran
+    (None when they were stored already or not asked for)."""
+
+    outcomes: list[Outcome]
+    computed: int
+    checks: dict | None
+
+
 def evaluate_checkpoint(store: Store, checkpoint: str | Path, data: Dataset, specs: Sequence[AttackSpec], *,
                         n_samples: int | None = None, seed: int = 0, batch_size: int = 256,
-                        device: torch.device | str = "cpu", force: bool = False,
-                        log: Callable[[str], None] = print) -> list[Outcome]:
-    """Evaluate one checkpoint (clean first, then `specs` in order); returns one Outcome each."""
-    device = torch.device(device)
+                        device: torch.device | str = "cpu", force: bool = False, curves=None,
+                        sanity: bool = False, checkpoint_root: str | Path = "checkpoints",
+                        log: Callable[[str], None] = print) -> CheckpointReport:
+    """Evaluate one checkpoint: clean, then `specs` in order, then the curves (a
+    `bench.curves.CurveSettings`, or None for none), then (with `sanity`) the sanity checks."""
     attacks = [(spec, spec.build()) for spec in specs]  # validate every spec before any work
-    model, meta = load_model(checkpoint)
-    if meta["dataset"] != data.name:
-        raise BenchError(f"checkpoint {str(checkpoint)!r} was trained on {meta['dataset']!r}, not {data.name!r}")
-    if meta.get("dataset_options", {}) != data.options:
-        raise BenchError(f"checkpoint {str(checkpoint)!r} was trained on {data.name!r} with options "
-                         f"{meta.get('dataset_options', {})}, not {data.options}")
-    model = model.to(device)
-    sha = sha256_file(checkpoint)
-    indices = eval_indices(len(data.test_x), n_samples)
-    indices_hash = _digest([data.name, data.options, indices])
-    idx = torch.tensor(indices, dtype=torch.long)
-    x, y = data.test_x[idx].to(device), data.test_y[idx].to(device)
+    evaluator = Evaluator(store, checkpoint, data, seed=seed, batch_size=batch_size, device=device, force=force,
+                          checkpoint_root=checkpoint_root, log=log)
+    samples = evaluator.samples(n_samples)
+    outcomes = [evaluator.evaluate(CLEAN, CLEAN, None, samples)]
+    outcomes += [evaluator.evaluate(spec.label, spec.attack, attack, samples) for spec, attack in attacks]
+    if curves is not None:
+        from bench.curves import compute_curves
 
-    outcomes = []
-    for spec, attack in [(AttackSpec(CLEAN, CLEAN), None)] + attacks:
-        params = attack.params() if attack is not None else {}
-        config_hash = _digest({"attack": spec.attack, "params": params, "implementation": _implementation(attack)})
-        with store.session() as s:
-            old = store.find_evaluation(s, sha, spec.attack, config_hash, indices_hash, seed)
-            if old is not None and not force:
-                outcomes.append(Outcome(spec.label, spec.attack, old.robust_acc, old.n_samples, old.forward_passes,
-                                        old.backward_passes, old.seconds, True, old.evaluation_id))
-                continue
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            result = run_attack(model, attack, x, y, batch_size)
-        correct, norms, fwd, bwd, seconds = result.correct, result.norms, result.forward, result.backward, result.seconds
-        row = Evaluation(checkpoint_sha256=sha, label=spec.label, attack=spec.attack,
-                         norm=attack.config.norm if attack else None, eps=attack.config.eps if attack else None,
-                         config_hash=config_hash, indices_hash=indices_hash, dataset=data.name,
-                         n_samples=len(indices), n_correct=int(correct.sum()), robust_acc=float(correct.float().mean()),
-                         forward_passes=fwd, backward_passes=bwd, seconds=seconds,
-                         implementation=_implementation(attack),
-                         **provenance(device, {"attack": spec.attack, "params": params, "checkpoint": str(checkpoint)}, seed))
-        store.save_evaluation(row, indices, correct.tolist(), None if norms is None else norms.tolist())
-        outcomes.append(Outcome(spec.label, spec.attack, row.robust_acc, row.n_samples, fwd, bwd, seconds, False,
-                                row.evaluation_id))
-        log(f"  {spec.label:<12} {row.robust_acc:7.2%}  ({fwd / len(indices):.0f} fwd, {bwd / len(indices):.0f} bwd "
-            f"per sample, {seconds:.1f}s)")
-    return outcomes
+        compute_curves(evaluator, curves)
+    checks = None
+    if sanity:
+        from bench.sanity import run_checks
 
-
-def _implementation(attack: Attack | None) -> str:
-    return "atbench" if attack is None else attack.implementation
+        checks = run_checks(evaluator, samples, [o.evaluation_id for o in outcomes], curves)
+    return CheckpointReport(outcomes, evaluator.computed, checks)
 
 
 def worst_case(store: Store, evaluation_ids: Sequence[int]) -> tuple[float, int]:

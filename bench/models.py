@@ -223,3 +223,6 @@ def eval_mode(model: nn.Module):
         yield model
     finally:
         model.train(was_training)
+
+
+from bench import planted as _planted  # noqa: E402,F401  registers `planted`, which wraps the models above

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import re
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 from sqlalchemy import select
 
-from bench.store import Checkpoint, Evaluation, Run, SampleResult, SanityCheck, Store, TrainEpoch
+from bench.store import Checkpoint, Curve, CurvePoint, Evaluation, Run, SampleResult, SanityCheck, Store, TrainEpoch
 from bench.threat import format_eps
 
 DASH = "—"
@@ -58,9 +59,14 @@ def _load(store: Store) -> dict[str, pd.DataFrame]:
     def read(*what):
         return pd.read_sql(select(*what), store.engine)
 
-    ev = read(Evaluation.__table__).sort_values(["created_at", "evaluation_id"])
+    everything = read(Evaluation.__table__)
+    ev = everything[everything["role"] == "attack"].sort_values(["created_at", "evaluation_id"])
     ev = ev.drop_duplicates(["checkpoint_sha256", "dataset", "label", "norm", "eps"], keep="last")
     clean = ev[ev["norm"].isna()].drop_duplicates(["dataset", "checkpoint_sha256"], keep="last")
+    points = read(CurvePoint.__table__).merge(read(Curve.__table__)[["curve_id", "checkpoint_sha256", "name", "x_label"]],
+                                              on="curve_id")
+    points = points.merge(everything[["evaluation_id", "robust_acc", "mean_loss", "diagnostics", "n_samples"]],
+                          on="evaluation_id")
     return {
         "runs": read(Run.__table__).sort_values(["dataset", "label", "run_id"]),
         "epochs": read(TrainEpoch.__table__).sort_values(["run_id", "epoch"]),
@@ -69,6 +75,7 @@ def _load(store: Store) -> dict[str, pd.DataFrame]:
         "clean": clean,
         "samples": read(SampleResult.evaluation_id, SampleResult.sample_index, SampleResult.correct),
         "sanity": read(SanityCheck.__table__),
+        "curves": points.sort_values(["curve_id", "x"]),
     }
 
 
@@ -82,6 +89,8 @@ def _entries(d: dict) -> pd.DataFrame:
                       "backward_per_sample"]]
     e = ck.reset_index().merge(runs, on="run_id", how="left").set_index("sha256")
     e["name"] = e["label"].fillna(e["path"].map(lambda p: Path(p).name))
+    planted = e["kind"].str.startswith("planted-")
+    e.loc[planted, "name"] = e.loc[planted, "name"] + " · " + e.loc[planted, "kind"]
     e["href"] = e["run_id"].map(_run_href, na_action="ignore")
     return e
 
@@ -103,14 +112,15 @@ def _worst_case(d: dict) -> pd.DataFrame:
     return worst.join(mixed, how="right").reset_index()
 
 
-def _flags(sanity: pd.DataFrame) -> dict[str, list[dict]]:
-    """Failed and warned sanity checks per checkpoint sha256, failures first."""
+def _flags(sanity: pd.DataFrame) -> dict[tuple, list[dict]]:
+    """Failed and warned sanity checks per (checkpoint sha256, norm, eps), failures first."""
     bad = sanity[sanity["status"].isin(["fail", "warn"])]
     bad = bad.assign(order=bad["status"].map(STATUS_ORDER),
-                     title=[f"{s}: value {_num(v)}, threshold {_num(t)}"
-                            for s, v, t in zip(bad["status"], bad["value"], bad["threshold"])])
+                     title=[f"{st}: {summary or ''} (value {_num(v)}, threshold {_num(t)})"
+                            for st, summary, v, t in zip(bad["status"], bad["summary"], bad["value"], bad["threshold"])])
     bad = bad.sort_values(["order", "name"])
-    return {sha: g[["name", "status", "title"]].to_dict("records") for sha, g in bad.groupby("checkpoint_sha256")}
+    return {key: g[["name", "status", "title"]].to_dict("records")
+            for key, g in bad.groupby(["checkpoint_sha256", "norm", "eps"])}
 
 
 # ----------------------------------------------------------------------------- leaderboards
@@ -137,7 +147,7 @@ def _board(key: tuple, grp: pd.DataFrame, d: dict, entries: pd.DataFrame, worst:
     df["worst_cell"] = [_cell(a, m, n_table, force=bool(x)) for a, m, x in zip(df["worst"], df["n"], df["mixed"])]
     df["train"] = df["train_seconds"].map(_duration)
     df["passes"] = [_passes(f, b) for f, b in zip(df["forward_per_sample"], df["backward_per_sample"])]
-    df["flags"] = [flags.get(sha, []) for sha in df.index]
+    df["flags"] = [flags.get((sha, norm, eps), []) for sha in df.index]
     for col in ("model", "kind", "status"):
         df[col] = df[col].fillna(DASH)
     return {"title": f"{dataset} · {norm} ε = {format_eps(eps)}", "anchor": _slug(f"{dataset}-{norm}-{eps:g}"),
@@ -176,38 +186,97 @@ def _run_page(run: dict, d: dict, entries: pd.DataFrame, worst: pd.DataFrame) ->
         ev = evs[evs["checkpoint_sha256"] == sha].sort_values("evaluation_id")
         w = worst[worst["checkpoint_sha256"] == sha]
         san = d["sanity"][d["sanity"]["checkpoint_sha256"] == sha].copy()
-        san = san.assign(order=san["status"].map(STATUS_ORDER)).sort_values(["order", "name"])
+        san = san.assign(order=san["status"].map(STATUS_ORDER)).sort_values(["norm", "eps", "order", "name"])
         checkpoints.append({
             "kind": e["kind"], "epoch": _int(e["epoch"]), "sha": sha, "path": e["path"],
             "evaluations": [{"label": r.label, "attack": r.attack, "threat": _threat(r.norm, r.eps),
                              "acc": _pct(r.robust_acc), "n": r.n_samples, "fwd": r.forward_passes,
                              "bwd": r.backward_passes, "seconds": f"{r.seconds:.1f}",
-                             "impl": r.implementation} for r in ev.itertuples()],
+                             "impl": r.implementation, "notes": _notes(r.diagnostics)} for r in ev.itertuples()],
             "worst": [{"threat": _threat(r.norm, r.eps), "acc": _pct(r.worst), "n": _int(r.n)}
                       for r in w.itertuples()],
-            "sanity": [{"name": r.name, "status": r.status, "value": _num(r.value), "threshold": _num(r.threshold),
+            "sanity": [{"name": r.name, "status": r.status, "threat": _threat(r.norm, r.eps), "value": _num(r.value),
+                        "threshold": _num(r.threshold), "summary": r.summary or "",
                         "evidence": json.dumps(r.evidence, sort_keys=True, default=str) if r.evidence else DASH}
-                       for r in san.itertuples()]})
-    return {"run": run, "log": log.to_dict("records"), "chart": _chart(ep, run["best_epoch"]),
-            "checkpoints": checkpoints}
+                       for r in san.itertuples()],
+            "charts": _curve_charts(d["curves"][d["curves"]["checkpoint_sha256"] == sha])})
+    best = int(run["best_epoch"]) if run["best_epoch"] != DASH else None
+    chart = None if ep.empty else line_chart(
+        "Validation accuracy per epoch", "epoch", "accuracy %",
+        [("clean", ep["epoch"].tolist(), ep["clean_acc"].tolist()),
+         ("robust", ep["epoch"].tolist(), ep["robust_acc"].tolist())], percent=True, marker=best)
+    return {"run": run, "log": log.to_dict("records"), "chart": chart, "checkpoints": checkpoints}
 
 
-def _chart(ep: pd.DataFrame, best_epoch: str, w: int = 560, h: int = 220) -> dict | None:
-    """Coordinates for an inline SVG of clean/robust validation accuracy per epoch."""
-    if ep.empty:
-        return None
-    left, right, top, bottom = 44, 12, 12, 30
-    e0, e1 = ep["epoch"].min(), ep["epoch"].max()
-    x = lambda e: left + (e - e0) / max(e1 - e0, 1) * (w - left - right)   # noqa: E731
-    y = lambda a: top + (1 - a) * (h - top - bottom)                         # noqa: E731
-    line = lambda col: " ".join(f"{x(e):.1f},{y(a):.1f}" for e, a in zip(ep["epoch"], ep[col]))  # noqa: E731
-    xticks = np.unique(np.linspace(e0, e1, min(6, len(ep))).round().astype(int))
-    best = int(best_epoch) if best_epoch != DASH and e0 <= int(best_epoch) <= e1 else None
-    return {"w": w, "h": h, "left": left, "right": w - right, "top": top, "bottom": h - bottom,
-            "clean": line("clean_acc"), "robust": line("robust_acc"),
-            "yticks": [(f"{y(v / 100):.1f}", v) for v in (0, 25, 50, 75, 100)],
-            "xticks": [(f"{x(e):.1f}", int(e)) for e in xticks],
-            "best": None if best is None else f"{x(best):.1f}"}
+def _notes(diagnostics) -> str:
+    """A short text of what an evaluation recorded besides accuracy."""
+    if not isinstance(diagnostics, dict) or not diagnostics:
+        return ""
+    notes = []
+    if diagnostics.get("silent_success"):
+        notes.append(f"{diagnostics['silent_success']} silent successes")
+    if "mean_norm" in diagnostics:
+        notes.append(f"found {diagnostics.get('found')}, mean norm {diagnostics['mean_norm']:.4g}, "
+                     f"median {diagnostics['median_norm']:.4g}")
+    for key, value in sorted((diagnostics.get("stats") or {}).items()):
+        notes.append(f"{key}: {json.dumps(value, sort_keys=True, default=str)}")
+    return "; ".join(notes)
+
+
+CURVE_CHARTS = (  # title, x label, curve names (series), value column, percent, log x
+    ("Accuracy against eps", "eps", ("eps:fgsm", "eps:pgd"), "robust_acc", True, False),
+    ("Mean cross-entropy against eps", "eps", ("eps:fgsm", "eps:pgd"), "mean_loss", False, False),
+    ("Accuracy against PGD steps (fixed step size)", "steps", ("steps:pgd",), "robust_acc", True, True),
+    ("Accuracy against PGD restarts", "restarts", ("restarts:pgd",), "robust_acc", True, False),
+)
+
+
+def _curve_charts(points: pd.DataFrame) -> list[dict]:
+    charts = []
+    for title, x_label, names, column, percent, log_x in CURVE_CHARTS:
+        series = [(name.split(":")[1].upper(), g["x"].tolist(), g[column].tolist())
+                  for name in names for _, g in [(name, points[points["name"] == name])] if len(g)]
+        if series:
+            charts.append(line_chart(title, x_label, "accuracy %" if percent else "mean loss", series,
+                                     percent=percent, log_x=log_x))
+    steps = points[points["name"] == "steps:pgd"]
+    if len(steps):
+        trace = steps.iloc[-1]["diagnostics"]
+        if isinstance(trace, dict) and trace.get("loss_trace"):
+            values, total = trace["loss_trace"], int(steps.iloc[-1]["x"])
+            xs = [round(k * total / max(len(values) - 1, 1)) for k in range(len(values))]
+            charts.append(line_chart(f"Mean cross-entropy along the {total}-step PGD trajectory", "step",
+                                     "mean loss", [("PGD", xs, values)]))
+    return charts
+
+
+def line_chart(title: str, x_label: str, y_label: str, series: list[tuple[str, list, list]], *, percent: bool = False,
+               log_x: bool = False, marker: float | None = None, w: int = 480, h: int = 220) -> dict:
+    """Coordinates for an inline SVG line chart (no scripts, no external resources). `series` are
+    (name, xs, ys); `percent` draws 0–100% of fractions; `log_x` a log scale (x > 0 only);
+    `marker` a dashed vertical line at that x."""
+    left, right, top, bottom = 52, 12, 12, 34
+    tx = (lambda v: math.log10(v)) if log_x else (lambda v: v)
+    clean = [(n, [(tx(x), y) for x, y in zip(xs, ys) if pd.notna(y) and (x > 0 or not log_x)]) for n, xs, ys in series]
+    clean = [(n, pts) for n, pts in clean if pts]
+    xs = [x for _, pts in clean for x, _ in pts] or [0.0]
+    ys = [y for _, pts in clean for _, y in pts] or [0.0]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = (0.0, 1.0) if percent else (min(0.0, min(ys)), max(ys) if max(ys) > 0 else 1.0)
+    px = lambda v: left + (v - x0) / ((x1 - x0) or 1) * (w - left - right)   # noqa: E731
+    py = lambda v: top + (1 - (v - y0) / ((y1 - y0) or 1)) * (h - top - bottom)  # noqa: E731
+    if log_x:
+        xticks = [(px(k), f"{10 ** k:g}") for k in range(math.floor(x0), math.ceil(x1) + 1) if x0 <= k <= x1]
+    else:
+        xticks = [(px(v), f"{v:.3g}") for v in np.linspace(x0, x1, 5)]
+    yticks = [(py(y0 + f * (y1 - y0)), f"{100 * (y0 + f * (y1 - y0)):.0f}" if percent else f"{y0 + f * (y1 - y0):.3g}")
+              for f in (0, 0.25, 0.5, 0.75, 1)]
+    return {"title": title, "x_label": x_label, "y_label": y_label, "w": w, "h": h, "left": left, "right": w - right,
+            "top": top, "bottom": h - bottom,
+            "series": [{"name": n, "index": i, "points": " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)}
+                       for i, (n, pts) in enumerate(clean)],
+            "xticks": [(f"{x:.1f}", t) for x, t in xticks], "yticks": [(f"{y:.1f}", t) for y, t in yticks],
+            "marker": None if marker is None or not x0 <= tx(marker) <= x1 else f"{px(tx(marker)):.1f}"}
 
 
 # ----------------------------------------------------------------------------- formatting

@@ -7,9 +7,13 @@ the defenses to train and the attacks to evaluate every checkpoint with.
     [threat]      norm = "Linf", eps = 0.2          (eps may be a fraction string: "8/255")
     [model]       name = "small_cnn", other keys are the model's parameters
     [training]    TrainConfig fields (epochs, batch_size, lr, schedule, ...)
-    [evaluation]  n_samples, batch_size, seed, checkpoints = ["best", "last"]
-    [defenses.LABEL]  defense = NAME (default LABEL), training = {overrides}, other keys: parameters
+    [evaluation]  n_samples, batch_size, seed, checkpoints = ["best", "last"], curves = true, sanity = true
+    [curves]      CurveSettings fields (n_samples, eps, steps, restarts, ...); used when evaluation.curves
+    [defenses.LABEL]  defense = NAME (default LABEL), training = {overrides}, model = {overrides of [model]
+                      parameters, or name = other architecture and its parameters}, other keys: parameters
     [attacks.LABEL]   attack = NAME (default LABEL), other keys: parameters (norm, eps default to [threat])
+    [planted.LABEL]   from = a defense LABEL, kind = a plant of bench.planted, checkpoint = "best" | "last":
+                      that checkpoint wrapped by a planted failure, evaluated like the others (sanity demo)
 
 Every name and parameter is checked before any work starts.
 """
@@ -24,25 +28,42 @@ from typing import Any
 
 import torch
 
+from bench.checkpoint import load_model, sha256_file
 from bench.config import build_config
+from bench.curves import CurveSettings
 from bench.data import Dataset, load_dataset
 from bench.errors import BenchError
 from bench.evaluation import AttackSpec, evaluate_checkpoint
+from bench.planted import PLANTS, plant
+from bench.provenance import provenance
 from bench.store import Store
 from bench.threat import ThreatModel, parse_eps
 from bench.trainer import RunSpec, build_train_config, train
 
 TOP_KEYS = ("name", "description", "dataset", "dataset_options", "seed", "threat", "model", "training",
-            "evaluation", "defenses", "attacks")
+            "evaluation", "curves", "defenses", "attacks", "planted")
 CHECKPOINT_KINDS = ("best", "last")
 
 
 @dataclass(frozen=True)
 class EvalSettings:
+    """How every checkpoint of a suite is evaluated: on the first `n_samples` of the test split
+    (None: all), by `batch_size`, with `seed`; with the curves and the sanity checks unless off."""
+
     n_samples: int | None = None
     batch_size: int = 256
     seed: int = 0
     checkpoints: tuple[str, ...] = ("best", "last")
+    curves: bool = True
+    sanity: bool = True
+
+
+@dataclass(frozen=True)
+class PlantSpec:
+    label: str
+    source: str     # a defense label of the suite
+    kind: str       # a key of bench.planted.PLANTS
+    checkpoint: str = "best"
 
 
 @dataclass
@@ -55,6 +76,8 @@ class Suite:
     runs: list[RunSpec]
     attacks: list[AttackSpec]
     evaluation: EvalSettings = field(default_factory=EvalSettings)
+    curves: CurveSettings | None = field(default_factory=CurveSettings)
+    planted: list[PlantSpec] = field(default_factory=list)
 
 
 def _check_keys(table: dict, allowed, where: str) -> None:
@@ -107,10 +130,15 @@ def parse_suite(doc: dict[str, Any], path: Path) -> Suite:
     for label, entry in defenses.items():
         entry = dict(entry)
         overrides = entry.pop("training", {})
-        spec = RunSpec(defense=entry.pop("defense", label), dataset=doc["dataset"], model=model, threat=threat,
+        model_over = dict(entry.pop("model", {}))
+        if not isinstance(overrides, dict) or not isinstance(model_over, dict):
+            raise BenchError(f"{where}: [defenses.{label}] training and model must be tables")
+        run_model = model_over.pop("name", None)
+        spec = RunSpec(defense=entry.pop("defense", label), dataset=doc["dataset"], model=run_model or model,
+                       threat=threat,
                        train=build_train_config({**train_defaults, **overrides}, f"{where} training of {label!r}"),
-                       defense_params=entry, model_params=model_table, dataset_options=dataset_options, seed=seed,
-                       label=label)
+                       defense_params=entry, model_params=model_over if run_model else {**model_table, **model_over},
+                       dataset_options=dataset_options, seed=seed, label=label)
         spec.canonical()  # validates the defense name and parameters now
         runs.append(spec)
 
@@ -128,8 +156,20 @@ def parse_suite(doc: dict[str, Any], path: Path) -> Suite:
     for kind in settings.checkpoints:
         if kind not in CHECKPOINT_KINDS:
             raise BenchError(f"{where} [evaluation] checkpoints: unknown kind {kind!r}; accepted: {', '.join(CHECKPOINT_KINDS)}")
+    curves = build_config(CurveSettings, _table(doc, "curves", where), f"{where} [curves]") if settings.curves else None
+    planted = []
+    for label, entry in _table(doc, "planted", where).items():
+        _check_keys(entry, ("from", "kind", "checkpoint"), f"{where} [planted.{label}]")
+        spec = PlantSpec(label, entry.get("from", ""), entry.get("kind", ""), entry.get("checkpoint", "best"))
+        if spec.source not in defenses:
+            raise BenchError(f"{where} [planted.{label}] from = {spec.source!r} is not a defense of the suite; "
+                             f"accepted: {', '.join(defenses)}")
+        if spec.kind not in PLANTS or spec.checkpoint not in CHECKPOINT_KINDS:
+            raise BenchError(f"{where} [planted.{label}] needs kind in {', '.join(PLANTS)} and checkpoint in "
+                             f"{', '.join(CHECKPOINT_KINDS)}; got {spec.kind!r}, {spec.checkpoint!r}")
+        planted.append(spec)
     return Suite(name=doc.get("name", path.stem), path=path, dataset=doc["dataset"], dataset_options=dataset_options,
-                 threat=threat, runs=runs, attacks=attacks, evaluation=settings)
+                 threat=threat, runs=runs, attacks=attacks, evaluation=settings, curves=curves, planted=planted)
 
 
 @dataclass
@@ -151,28 +191,45 @@ def load_suite_data(suite: Suite, data_dir: str | None = None) -> Dataset:
 def run_suite(suite: Suite, data: Dataset, *, store: Store, checkpoint_root: str | Path = "checkpoints",
               device: torch.device | str = "cpu", force: bool = False, progress: bool = True) -> SuiteSummary:
     """Train every defense of the suite (resuming or skipping finished runs), then evaluate
-    each requested checkpoint with every attack (skipping stored evaluations)."""
+    each requested checkpoint with every attack (skipping stored evaluations); then the planted ones."""
     summary = SuiteSummary()
+    directories = {}
     for spec in suite.runs:
         print(f"[{suite.name}] {spec.label}: train {spec.defense} ({spec.model}, {spec.train.epochs} epochs, "
               f"{spec.threat}) run {spec.run_id}", flush=True)
         result = train(spec, data, store=store, checkpoint_root=checkpoint_root, device=device, force=force,
                        progress=progress)
+        directories[spec.label] = (spec.run_id, result.directory)
         if result.trained_now:
             summary.trained += 1
         else:
             summary.runs_cached += 1
             print("  already trained: skipped", flush=True)
         for kind in suite.evaluation.checkpoints:
-            path = result.directory / f"{kind}.pt"
             print(f"[{suite.name}] {spec.label}: evaluate {kind}.pt", flush=True)
-            outcomes = evaluate_checkpoint(store, path, data, suite.attacks, n_samples=suite.evaluation.n_samples,
-                                           seed=suite.evaluation.seed, batch_size=suite.evaluation.batch_size,
-                                           device=device, force=force)
-            new = sum(not o.cached for o in outcomes)
-            summary.evaluated += new
-            summary.evaluations_cached += len(outcomes) - new
-            if new == 0:
-                print(f"  all {len(outcomes)} evaluations already stored: skipped", flush=True)
+            _evaluate(suite, data, store, result.directory / f"{kind}.pt", summary, device, force, checkpoint_root)
+    for p in suite.planted:
+        run_id, directory = directories[p.source]
+        path = directory / f"planted-{p.kind}.pt"
+        print(f"[{suite.name}] {p.label}: {p.source}'s {p.checkpoint}.pt planted with {p.kind}", flush=True)
+        if force or not path.exists():
+            plant(directory / f"{p.checkpoint}.pt", p.kind, path)
+        with store.session() as s:
+            store.set_checkpoint(s, run_id, f"planted-{p.kind}", str(path), sha256_file(path),
+                                 load_model(path)[1]["epoch"], **provenance(torch.device(device), {"plant": p.kind,
+                                                                                               "from": p.checkpoint}, 0))
+        _evaluate(suite, data, store, path, summary, device, force, checkpoint_root)
     return summary
+
+
+def _evaluate(suite: Suite, data: Dataset, store: Store, path: Path, summary: SuiteSummary, device, force: bool,
+              checkpoint_root) -> None:
+    report = evaluate_checkpoint(store, path, data, suite.attacks, n_samples=suite.evaluation.n_samples,
+                                 seed=suite.evaluation.seed, batch_size=suite.evaluation.batch_size,
+                                 device=device, force=force, curves=suite.curves, sanity=suite.evaluation.sanity,
+                                 checkpoint_root=checkpoint_root)
+    summary.evaluated += report.computed
+    summary.evaluations_cached += sum(o.cached for o in report.outcomes)
+    if report.computed == 0:
+        print(f"  all {len(report.outcomes)} evaluations already stored: skipped", flush=True)
 

@@ -156,7 +156,8 @@ def train(spec: RunSpec, data: Dataset, *, store: Store, checkpoint_root: str | 
                         mean=data.mean, std=data.std, **spec.model_params).to(device)
     optimizer = _optimizer(cfg, model)
     steps_per_epoch = math.ceil(len(data.train_x) / cfg.batch_size)
-    ctx = TrainContext(threat=spec.threat, num_classes=data.num_classes, epochs=cfg.epochs, device=device,
+    ctx = TrainContext(threat=spec.threat, num_classes=data.num_classes, input_shape=data.input_shape,
+                       epochs=cfg.epochs, device=device,
                        optimizer=optimizer, steps_per_epoch=steps_per_epoch,
                        pretrained=Pretrained(data, store, Path(checkpoint_root), device, spec.threat, spec.model,
                                              spec.model_params, cfg, spec.seed, progress))

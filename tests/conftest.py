@@ -87,7 +87,7 @@ def make_ctx(synthetic, pretrained_root):
         store, checkpoints = pretrained_root
         pretrained = Pretrained(synthetic, store, checkpoints, torch.device("cpu"), threat, "small_cnn", dict(TINY),
                                 build_train_config(PRETRAIN), seed=0, progress=False)
-        return TrainContext(threat=threat, num_classes=num_classes, epochs=1,
+        return TrainContext(threat=threat, num_classes=num_classes, input_shape=synthetic.input_shape, epochs=1,
                             device=torch.device("cpu"), optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                             steps_per_epoch=1, pretrained=pretrained)
 

@@ -19,10 +19,13 @@ import pytest
 import torch
 
 from bench.cli import main
+from bench.defense import load_defenses
+from bench.sanity import load_checks
 
 TINY = (Path(__file__).resolve().parent / "suites" / "tiny.toml").resolve()
 TINY_RUNS = ("natural", "pgd_at", "trades")
-TABLES = ("runs", "train_epochs", "checkpoints", "evaluations", "sample_results", "sanity_checks", "schema_info")
+TABLES = ("runs", "train_epochs", "checkpoints", "evaluations", "sample_results", "curves", "curve_points",
+          "sanity_checks", "schema_info")
 
 
 def cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -111,13 +114,16 @@ def test_run_suite_end_to_end_then_nothing_to_do_then_force(tmp_path, monkeypatc
     n = counts(db)
     shas = {hashlib.sha256((d / k).read_bytes()).hexdigest() for d in run_dirs for k in ("best.pt", "last.pt")}
     assert n["runs"] == 3 and n["train_epochs"] == 3 * 2 and n["checkpoints"] == 3 * 2
-    assert n["evaluations"] == 3 * len(shas)  # clean, fgsm, pgd per distinct checkpoint file
-    assert n["sample_results"] == 48 * n["evaluations"]
+    # per distinct checkpoint file: clean, fgsm, pgd on 48 samples; 9 curve points on 24 (tiny.toml)
+    assert n["evaluations"] == (3 + 9) * len(shas)
+    assert n["sample_results"] == (48 * 3 + 24 * 9) * len(shas)
+    assert n["curves"] == 4 * len(shas) and n["sanity_checks"] == len(load_checks()) * len(shas)
     assert n["schema_info"] == 1
     with sqlite3.connect(db) as con:
         assert con.execute("select distinct status from runs").fetchall() == [("completed",)]
         assert sorted(r[0] for r in con.execute("select label from runs")) == sorted(TINY_RUNS)
-        assert {r[0] for r in con.execute("select label from evaluations")} == {"clean", "fgsm", "pgd"}
+        assert {r[0] for r in con.execute("select label from evaluations where role = 'attack'")} == \
+            {"clean", "fgsm", "pgd"}
 
     # the same command again: nothing to do, nothing changed
     before_files = files(tmp_path / "checkpoints")
@@ -184,10 +190,12 @@ def test_eval_prints_the_worst_case(tmp_path, monkeypatch, capsys, workspace):
     ws = copy_workspace(workspace, tmp_path / "ws")
     monkeypatch.chdir(ws)
     ckpt = checkpoint_of(ws).relative_to(ws)
-    argv = ["eval", ckpt, "--attack", "fgsm", "--attack", "pgd5=pgd:steps=5", "--n-samples", "32", "--device", "cpu"]
+    argv = ["eval", ckpt, "--attack", "fgsm", "--attack", "pgd5=pgd:steps=5", "--n-samples", "32", "--device", "cpu",
+            "--no-curves"]
     rc, out, err = cli(capsys, *argv)
     assert rc == 0, err
     assert out.splitlines()[0] == f"evaluating {ckpt} (synthetic, trained for Linf eps=0.1)"
+    assert re.search(r"^  sanity +\d+ pass, \d+ warn, \d+ fail, \d+ not run", out, re.M)  # curve checks: not run
     line = [l for l in out.splitlines() if "worst case" in l]
     assert len(line) == 1
     m = re.fullmatch(r"\s*worst case\s+(\d+\.\d\d)%\s+\(per-sample AND over 3 evaluations, n=32\)", line[0])
@@ -254,8 +262,8 @@ TRAIN = ["train", "--defense", "natural", "--dataset", "synthetic", "--epochs", 
 # name -> (setup(inputs, ckpt, monkeypatch) -> argv, pattern the error line must match)
 BAD = {
     "unknown defense": (lambda i, c, m: ["train", "--defense", "pgd_a", "--dataset", "synthetic"],
-                        r"unknown defense 'pgd_a'\. Did you mean 'pgd_at'\? Known defenses: fast_at, fgsm_at, mart, "
-                        r"natural, pgd_at, trades"),
+                        r"unknown defense 'pgd_a'\. Did you mean 'pgd_at'\? Known defenses: "
+                        + re.escape(", ".join(load_defenses().names()))),
     "unknown attack": (lambda i, c, m: ["eval", c, "--attack", "pgdd:steps=3"],
                        r"unknown attack 'pgdd'\. Did you mean 'pgd'\? Known attacks: .*fgsm"),
     "unknown model": (lambda i, c, m: TRAIN + ["--model", "small_cn"],

@@ -92,7 +92,7 @@ def count(store: Store, table) -> int:
 # --------------------------------------------------------------------------- rows
 
 def test_rows_hold_per_sample_results_for_every_index(store, checkpoint, data):
-    outcomes = evaluate_checkpoint(store, checkpoint, data, SPECS, log=quiet)
+    outcomes = evaluate_checkpoint(store, checkpoint, data, SPECS, log=quiet).outcomes
     assert [(o.label, o.attack, o.cached) for o in outcomes] == \
         [("clean", "clean", False), ("fgsm", "fgsm", False), ("pgd5", "pgd", False)]
     rows = stored(store)
@@ -129,13 +129,13 @@ def test_rows_hold_per_sample_results_for_every_index(store, checkpoint, data):
 
 
 def test_a_sample_subset_is_recorded(store, checkpoint, data):
-    outcomes = evaluate_checkpoint(store, checkpoint, data, SPECS[:1], n_samples=20, log=quiet)
+    outcomes = evaluate_checkpoint(store, checkpoint, data, SPECS[:1], n_samples=20, log=quiet).outcomes
     want = eval_indices(N_TEST, 20)
     assert len(want) == 20 and want != list(range(20))
     for row in stored(store).values():
         assert [i for i, _, _ in row["samples"]] == want and row["n_samples"] == 20
     # a different subset is a different evaluation, not a cache hit
-    more = evaluate_checkpoint(store, checkpoint, data, SPECS[:1], n_samples=30, log=quiet)
+    more = evaluate_checkpoint(store, checkpoint, data, SPECS[:1], n_samples=30, log=quiet).outcomes
     assert not any(o.cached for o in more)
     assert count(store, Evaluation) == 4 and {o.evaluation_id for o in outcomes}.isdisjoint(
         {o.evaluation_id for o in more})
@@ -144,7 +144,7 @@ def test_a_sample_subset_is_recorded(store, checkpoint, data):
 # --------------------------------------------------------------------------- caching and force
 
 def test_second_call_is_cached_and_force_reruns(store, checkpoint, data, monkeypatch):
-    first = evaluate_checkpoint(store, checkpoint, data, SPECS, log=quiet)
+    first = evaluate_checkpoint(store, checkpoint, data, SPECS, log=quiet).outcomes
     before = stored(store)
 
     def no_work(*args, **kwargs):
@@ -152,7 +152,7 @@ def test_second_call_is_cached_and_force_reruns(store, checkpoint, data, monkeyp
 
     monkeypatch.setattr(evaluation, "run_attack", no_work)
     logged = []
-    second = evaluate_checkpoint(store, checkpoint, data, SPECS, log=logged.append)
+    second = evaluate_checkpoint(store, checkpoint, data, SPECS, log=logged.append).outcomes
     assert [o.cached for o in second] == [True, True, True] and logged == []
     assert [(o.evaluation_id, o.robust_acc, o.forward_passes, o.backward_passes) for o in second] == \
         [(o.evaluation_id, o.robust_acc, o.forward_passes, o.backward_passes) for o in first]
@@ -160,12 +160,12 @@ def test_second_call_is_cached_and_force_reruns(store, checkpoint, data, monkeyp
 
     calls = []
 
-    def spy(model, attack, x, y, batch_size):
+    def spy(model, attack, x, y, batch_size, seed=None):
         calls.append(None if attack is None else attack.name)
-        return run_attack(model, attack, x, y, batch_size)
+        return run_attack(model, attack, x, y, batch_size, seed)
 
     monkeypatch.setattr(evaluation, "run_attack", spy)
-    third = evaluate_checkpoint(store, checkpoint, data, SPECS, force=True, log=quiet)
+    third = evaluate_checkpoint(store, checkpoint, data, SPECS, force=True, log=quiet).outcomes
     assert calls == [None, "fgsm", "pgd"] and not any(o.cached for o in third)
     after = stored(store)
     assert len(after) == 3 and count(store, SampleResult) == 3 * N_TEST  # replaced, not added
@@ -179,7 +179,7 @@ def test_second_call_is_cached_and_force_reruns(store, checkpoint, data, monkeyp
 # --------------------------------------------------------------------------- worst case
 
 def test_worst_case_is_the_per_sample_and(store, checkpoint, data):
-    outcomes = evaluate_checkpoint(store, checkpoint, data, SPECS, log=quiet)
+    outcomes = evaluate_checkpoint(store, checkpoint, data, SPECS, log=quiet).outcomes
     ids = [o.evaluation_id for o in outcomes]
     rows = stored(store)
     by_hand = [all(dict((i, c) for i, c, _ in rows[e]["samples"])[i] for e in ids) for i in range(N_TEST)]
@@ -196,8 +196,8 @@ def test_worst_case_is_the_per_sample_and(store, checkpoint, data):
 
 
 def test_worst_case_over_different_sample_sets_uses_the_common_samples(store, checkpoint, data):
-    full = evaluate_checkpoint(store, checkpoint, data, SPECS[:1], log=quiet)
-    part = evaluate_checkpoint(store, checkpoint, data, SPECS[1:], n_samples=20, log=quiet)
+    full = evaluate_checkpoint(store, checkpoint, data, SPECS[:1], log=quiet).outcomes
+    part = evaluate_checkpoint(store, checkpoint, data, SPECS[1:], n_samples=20, log=quiet).outcomes
     ids = [full[1].evaluation_id, part[1].evaluation_id]
     rows = stored(store)
     common = eval_indices(N_TEST, 20)
@@ -289,7 +289,7 @@ def test_evaluation_is_deterministic_whatever_the_global_rng(tmp_path, monkeypat
     assert len(set(norms)) > N_TEST // 2  # random starts really were used (not a trivial equality)
     # the seed is part of an evaluation's identity, and changes the random starts
     store = Store(str(tmp_path / "a.db"))
-    other = evaluate_checkpoint(store, checkpoint, data, specs, seed=6, log=quiet)
+    other = evaluate_checkpoint(store, checkpoint, data, specs, seed=6, log=quiet).outcomes
     assert not any(o.cached for o in other) and count(store, Evaluation) == 4
     assert [n for _, _, n in stored(store)[other[1].evaluation_id]["samples"]] != norms
 
@@ -350,7 +350,7 @@ def test_an_attack_failing_midway_keeps_earlier_evaluations(store, checkpoint, d
     assert all([i for i, _, _ in r["samples"]] == list(range(N_TEST)) for r in rows.values())
 
     FailsMidway.fail, FailsMidway.batches = False, 0
-    done = evaluate_checkpoint(store, checkpoint, data, specs, batch_size=16, log=quiet)
+    done = evaluate_checkpoint(store, checkpoint, data, specs, batch_size=16, log=quiet).outcomes
     assert [o.cached for o in done] == [True, True, True, False]
     good = stored(store)
     assert len(good) == 4

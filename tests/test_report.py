@@ -22,7 +22,7 @@ def _evaluation(sha, label, attack, correct, indices=range(10), norm="Linf", eps
         checkpoint_sha256=sha, label=label, attack=attack, norm=norm, eps=eps, config_hash=label,
         indices_hash=f"idx{len(indices)}", dataset="digits", n_samples=len(indices), n_correct=n_correct,
         robust_acc=n_correct / len(indices), forward_passes=100, backward_passes=90, seconds=1.5,
-        implementation="atbench", samples=[SampleResult(sample_index=i, correct=i in correct) for i in indices])
+        implementation="atbench", role="attack", samples=[SampleResult(sample_index=i, correct=i in correct) for i in indices])
 
 
 def _run(run_id, label, defense):
@@ -57,10 +57,15 @@ def report(tmp_path_factory):
                    _evaluation(b, "fgsm", "fgsm", range(6)),
                    _evaluation(c, "clean", "clean", range(8), norm=None, eps=None),
                    _evaluation(c, "pgd100", "pgd", [0, 1], indices=range(5))])
-        s.add_all([SanityCheck(checkpoint_sha256=a, name="zero_gradients", status="fail", value=0.0, threshold=1e-8,
+        s.add_all([SanityCheck(checkpoint_sha256=a, norm="Linf", eps=EPS, name="zero_gradients", status="fail",
+                               value=0.0, threshold=1e-8, summary="<b>bold</b> claim",
                                evidence={"note": "<img src=x onerror=alert(2)>"}),
-                   SanityCheck(checkpoint_sha256=a, name="noise_vs_gradient", status="warn", value=0.1, threshold=0.05),
-                   SanityCheck(checkpoint_sha256=a, name="iterative_vs_single", status="pass", value=0.0, threshold=0.0)])
+                   SanityCheck(checkpoint_sha256=a, norm="Linf", eps=EPS, name="noise_vs_gradient", status="warn",
+                               value=0.1, threshold=0.05),
+                   SanityCheck(checkpoint_sha256=a, norm="Linf", eps=EPS, name="iterative_vs_single", status="pass",
+                               value=0.0, threshold=0.0),
+                   SanityCheck(checkpoint_sha256=b, norm="L2", eps=0.5, name="zero_gradients", status="fail",
+                               value=0.0, threshold=1e-8)])
     out = tmp / "reports"
     index = render_report(store, out)
     return index, out
@@ -131,6 +136,9 @@ def test_sanity_failures_are_flags(report):
     assert re.search(r'<span class="flag warn"[^>]*>noise_vs_gradient</span>', html)
     assert "iterative_vs_single" not in html
     assert _board(report[0])[1]["Sanity flags"] == "zero_gradients noise_vs_gradient"
+    # B's failed check is for another threat model (L2 0.5): no flag on its Linf row
+    assert _board(report[0])[0]["Defense"].startswith("trades-run") and _board(report[0])[0]["Sanity flags"] == "—"
+    assert "<b>bold</b>" not in html and "&lt;b&gt;bold&lt;/b&gt; claim" in html  # summaries are escaped too
 
 
 def test_links_are_relative_and_resolve(report):

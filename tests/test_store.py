@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from bench.errors import BenchError
-from bench.store import (SCHEMA_VERSION, Checkpoint, Evaluation, Run, SampleResult, SanityCheck, SchemaInfo, Store,
+from bench.store import (SCHEMA_VERSION, Checkpoint, Curve, Evaluation, Run, SampleResult, SanityCheck, SchemaInfo, Store,
                          TrainEpoch, database_url)
 
 SHA = "ab" * 32
@@ -34,7 +34,7 @@ def _evaluation(attack="pgd", config_hash="cfg1", indices_hash="idx1", seed=0, r
     return Evaluation(checkpoint_sha256=sha, label=label, attack=attack, norm="Linf", eps=0.1,
                       config_hash=config_hash, indices_hash=indices_hash, dataset="synthetic", n_samples=4,
                       n_correct=int(robust_acc * 4), robust_acc=robust_acc, forward_passes=84, backward_passes=80,
-                      seconds=0.25, implementation="atbench",
+                      seconds=0.25, implementation="atbench", role="attack",
                       **{**PROV, "seed": seed}, config={"attack": attack, "params": {"steps": 20}})
 
 
@@ -63,7 +63,7 @@ def test_round_trip_through_the_file(db):
         s.flush()
         store.set_checkpoint(s, "run-1", "best", "checkpoints/run-1/best.pt", SHA, 2,
                              config={"checkpoint": "best"}, **PROV)
-        s.add(SanityCheck(checkpoint_sha256=SHA, name="zero_gradients", status="warn", value=1e-9, threshold=1e-8,
+        s.add(SanityCheck(checkpoint_sha256=SHA, norm="Linf", eps=0.1, name="zero_gradients", status="warn", value=1e-9, threshold=1e-8,
                           evidence={"fraction": 0.25, "samples": [3, 5]}, config={"check": "zero_gradients"}, **PROV))
     evaluation = _evaluation()
     store.save_evaluation(evaluation, [10, 3, 7, 42], [True, False, True, False], [0.1, 0.0999, 0.05, 0.1])
@@ -225,6 +225,35 @@ def test_sqlalchemy_url_form(tmp_path, monkeypatch):
     assert database_url("results.db") == f"sqlite:///{tmp_path / 'results.db'}"
     assert database_url("postgresql://u@h/db") == "postgresql://u@h/db"
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("via_url.db")) == []
+
+
+def test_a_version_1_database_is_migrated_and_keeps_its_rows(db):
+    """Schema 1 lacked evaluations.role/mean_loss/diagnostics, sample_results.loss,
+    sanity_checks.summary and the curve tables: opening it adds them and keeps every row."""
+    store = Store(db)
+    store.save_evaluation(_evaluation(), [0, 1, 2, 3], [True, False, True, False], [0.1, 0.1, 0.1, 0.1])
+    store.engine.dispose()
+    with sqlite3.connect(db) as con:
+        con.execute("drop index ix_evaluations_role")
+        for table, column in [("evaluations", "role"), ("evaluations", "mean_loss"), ("evaluations", "diagnostics"),
+                              ("sample_results", "loss")]:
+            con.execute(f"alter table {table} drop column {column}")
+        con.execute("drop table sanity_checks")  # schema 1's, keyed by (checkpoint, name), never written
+        con.execute("create table sanity_checks (sanity_check_id integer primary key, checkpoint_sha256 varchar(64), "
+                    "name varchar(100), status varchar(10), value float, threshold float, evidence json)")
+        con.execute("drop table curve_points")
+        con.execute("drop table curves")
+        con.execute("update schema_info set value = '1' where key = 'schema_version'")
+    store = Store(db)
+    with store.session() as s:
+        (ev,) = s.scalars(select(Evaluation)).all()
+        assert ev.role == "attack" and ev.mean_loss is None and ev.robust_acc == 0.5
+        assert [r.correct for r in ev.samples] == [True, False, True, False]
+        assert all(r.loss is None for r in ev.samples)
+        assert s.get(SchemaInfo, "schema_version").value == str(SCHEMA_VERSION)
+    assert _count(store, Curve) == 0 and _count(store, SanityCheck) == 0
+    with sqlite3.connect(db) as con:
+        assert ("ix_evaluations_role",) in con.execute("select name from sqlite_master where type = 'index'").fetchall()
 
 
 def test_wrong_schema_version_is_a_bench_error(db):

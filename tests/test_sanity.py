@@ -1,0 +1,217 @@
+"""Sanity checks: the statistics they rest on, each check's rule on hand-made records, and the
+proof that they work — natural and PGD-trained tiny models pass, planted failures are flagged by
+the check named for them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sqlalchemy import select
+
+from bench.checkpoint import sha256_file
+from bench.curves import CurveSettings
+from bench.data import load_dataset
+from bench.evaluation import AttackSpec, evaluate_checkpoint
+from bench.planted import PLANTS, plant
+from bench.sanity import (CHECKS, CheckContext, Record, grade, load_checks, mean_difference, paired,
+                          paired_difference, stored_checks, wilson)
+from bench.store import SanityCheck, Store
+from bench.threat import ThreatModel
+from bench.trainer import RunSpec, build_train_config, train
+
+load_checks()
+
+
+# --------------------------------------------------------------------------- statistics
+
+def test_wilson_interval_values():
+    """Against the closed form (Wilson 1927) at z = 1.96: 5/10 → [0.2366, 0.7634]; 0/20 → [0, 0.1611]."""
+    assert wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson(0, 20) == pytest.approx((0.0, 0.1611), abs=1e-4)
+    assert wilson(20, 20)[1] == 1.0 and wilson(0, 0) == (0.0, 1.0)
+
+
+def test_paired_difference_covers_the_truth():
+    """Monte Carlo coverage of Newcombe's interval: pairs (a, b) with P(a=1) = 0.6, P(b=1) = 0.5 and
+    correlated draws, n = 200: the 95% interval must contain the true difference 0.1 in 93–97.5% of
+    3,000 repetitions (it is known to be slightly conservative); a naive interval ignoring the
+    pairing would still cover, so the width is checked too: narrower than the unpaired Wald width."""
+    rng = np.random.default_rng(0)
+    n, reps, covered, widths = 200, 3000, 0, []
+    for _ in range(reps):
+        u = rng.random(n)
+        a = u < 0.6
+        b = np.where(rng.random(n) < 0.8, u < 0.5, rng.random(n) < 0.5)  # mostly the same draw: correlated
+        est, lower, upper = paired_difference(a, b)
+        covered += lower <= 0.1 <= upper
+        widths.append(upper - lower)
+    assert 0.93 <= covered / reps <= 0.975
+    unpaired = 2 * 1.96 * np.sqrt(0.6 * 0.4 / n + 0.5 * 0.5 / n)
+    assert np.mean(widths) < 0.8 * unpaired
+
+
+def test_paired_difference_edge_cases():
+    same = np.array([True, False] * 50)
+    assert paired_difference(same, same)[0] == 0.0
+    lo, hi = paired_difference(same, same)[1:]
+    assert lo <= 0 <= hi and hi - lo < 0.05  # identical vectors: a narrow interval around 0 (here [0, 0])
+    a = np.ones(100, bool)
+    b = np.r_[np.zeros(10, bool), np.ones(90, bool)]
+    est, lower, upper = paired_difference(a, b)
+    assert est == pytest.approx(0.1) and lower > 0.04 and upper < 0.18
+
+
+def test_mean_difference_and_grade():
+    est, lower, upper = mean_difference(np.full(50, 2.0) + np.linspace(-1, 1, 50), np.ones(50))
+    assert est == pytest.approx(1.0) and lower < 1.0 < upper
+    assert grade(0.005, -0.01, 0.01, 0.01) == "pass"
+    assert grade(0.02, -0.01, 0.01, 0.01) == "pass"    # above the margin, but not significant: noise
+    assert grade(0.02, 0.005, 0.01, 0.01) == "warn"    # significant, above the margin, not surely by much
+    assert grade(0.05, 0.02, 0.01, 0.01) == "fail"
+    assert grade(0.07, 0.06, 0.05, 0.10) == "warn"     # surely above the warning line, not the failing one
+
+
+# --------------------------------------------------------------------------- checks on hand-made records
+
+def record(label, attack, kind, correct, index=None, loss=None, eps=0.1, **diagnostics) -> Record:
+    correct = np.asarray(correct, bool)
+    index = np.arange(len(correct)) if index is None else np.asarray(index)
+    loss = np.zeros(len(correct)) if loss is None else np.asarray(loss, float)
+    return Record(len(label), label, attack, kind, False, "Linf", eps, index, correct, loss, diagnostics)
+
+
+def context(attacks=(), curves=None) -> CheckContext:
+    return CheckContext(model=None, samples=None, threat=ThreatModel("Linf", 0.1), num_classes=10,
+                        unbounded_eps=1.0, attacks=list(attacks), curves=curves or {})
+
+
+def test_paired_uses_common_samples_in_one_order():
+    a = record("a", "pgd", "gradient", [1, 0, 1, 1], index=[2, 4, 6, 8])
+    b = record("b", "fgsm", "gradient", [0, 1, 1], index=[4, 6, 9])
+    (ca, _), (cb, _) = paired(a, b)
+    assert ca.tolist() == [False, True] and cb.tolist() == [False, True]
+
+
+def test_white_box_vs_black_box_flags_a_stronger_transfer():
+    """Transfer breaks 30 of 100 samples that every gradient attack misses: a certain failure.
+    With 1 such sample, the violation is below the one-point margin: a pass."""
+    n = 100
+    robust = np.ones(n, bool)
+    for extra, expected in [(30, "fail"), (1, "pass")]:
+        broken = robust.copy()
+        broken[:extra] = False
+        ctx = context([record("pgd", "pgd", "gradient", robust), record("fgsm", "fgsm", "gradient", robust),
+                       record("transfer", "transfer", "transfer", broken)])
+        result = CHECKS.get("white_box_beats_black_box")().run(ctx)
+        assert result.status == expected, result.summary
+        assert result.value == pytest.approx(extra / n)
+        assert result.evidence["broken_only_by_b"] == extra
+
+
+def test_checks_without_their_inputs_do_not_run():
+    for name in CHECKS.names():
+        if CHECKS.get(name).stage == "post":
+            assert CHECKS.get(name)().run(context()).status == "not-run", name
+
+
+def test_silent_success_rule():
+    quiet = record("pgd20", "pgd", "gradient", np.ones(200, bool), silent_success=1)
+    loud = record("pgd100", "pgd", "gradient", np.ones(200, bool), silent_success=14,
+                  silent_success_indices=list(range(14)))
+    assert CHECKS.get("silent_success")().run(context([quiet])).status == "pass"
+    result = CHECKS.get("silent_success")().run(context([quiet, loud]))
+    assert (result.status, result.evidence["attack"], result.value) == ("fail", "pgd100", 0.07)
+
+
+def test_monotone_in_eps_flags_accuracy_that_rises():
+    n = 200
+    base = np.zeros(n, bool)
+    base[:100] = True
+    higher = base.copy()
+    higher[100:140] = True  # 40 samples robust at the larger eps only
+    curve = {"eps:pgd": [(0.0, record("c", "clean", "clean", np.ones(n, bool))),
+                         (0.1, record("p1", "pgd", "gradient", base)), (0.2, record("p2", "pgd", "gradient", higher))]}
+    result = CHECKS.get("monotone_in_eps")().run(context(curves=curve))
+    assert result.status == "fail" and result.evidence["from"] == 0.1 and result.value == pytest.approx(0.2)
+
+
+def test_fgsm_loss_monotone_flags_a_falling_loss():
+    """Vivek & Babu's signature: the FGSM loss rises, then falls at larger eps (up to 2× the threat eps)."""
+    rng = np.random.default_rng(1)
+    n = 100
+
+    def at(mean):
+        return record("f", "fgsm", "gradient", np.ones(n, bool), loss=mean + 0.1 * rng.standard_normal(n))
+
+    rising = {"eps:fgsm": [(0.0, at(0.1)), (0.05, at(0.8)), (0.1, at(1.5)), (0.2, at(2.0)), (0.4, at(0.1))]}
+    assert CHECKS.get("fgsm_loss_monotone_in_eps")().run(context(curves=rising)).status == "pass"  # 0.4 > 2×eps
+    falling = {"eps:fgsm": [(0.0, at(0.1)), (0.05, at(0.8)), (0.1, at(1.5)), (0.2, at(0.6))]}
+    result = CHECKS.get("fgsm_loss_monotone_in_eps")().run(context(curves=falling))
+    assert result.status == "fail" and (result.evidence["from"], result.evidence["to"]) == (0.1, 0.2)
+
+
+# --------------------------------------------------------------------------- planted failures, end to end
+
+EPS = 0.1
+ATTACKS = [AttackSpec("fgsm", "fgsm", {"eps": EPS}), AttackSpec("pgd20", "pgd", {"eps": EPS, "steps": 20}),
+           AttackSpec("pgd_cw", "pgd", {"eps": EPS, "steps": 20, "loss": "cw"}),
+           AttackSpec("noise", "noise", {"eps": EPS}),
+           AttackSpec("transfer", "transfer", {"eps": EPS, "surrogate_epochs": 5})]
+CURVES = CurveSettings(n_samples=None, steps=(1, 10, 100), restarts=(1, 5))
+# The check each planted failure must fail (it may fail others too).
+FLAGGED_BY = {"quantized": "gradients_nonzero", "softmax": "logits_not_probabilities",
+              "scaled_logits": "gradients_nonzero", "noisy": "deterministic_outputs"}
+
+
+@pytest.fixture(scope="module")
+def bench_dir(tmp_path_factory):
+    """Tiny natural and PGD-trained models on the synthetic set (4 classes, Linf 0.1), each planted
+    failure made from the natural one, all evaluated with curves and checks in one store."""
+    root = tmp_path_factory.mktemp("sanity")
+    data = load_dataset("synthetic")
+    store = Store(str(root / "results.db"))
+    train_cfg = build_train_config({"epochs": 15, "batch_size": 32, "optimizer": "adam", "lr": 0.003,
+                                    "weight_decay": 0.0, "val_steps": 3})
+    paths = {}
+    for defense in ("natural", "pgd_at"):
+        spec = RunSpec(defense=defense, dataset="synthetic", model="small_cnn", threat=ThreatModel("Linf", EPS),
+                       train=train_cfg, model_params={"width": 8, "hidden": 32}, seed=0)
+        paths[defense] = train(spec, data, store=store, checkpoint_root=root / "ck", progress=False).directory / "last.pt"
+    for kind in PLANTS:
+        paths[kind] = plant(paths["natural"], kind, root / f"{kind}.pt")
+    for path in paths.values():
+        evaluate_checkpoint(store, path, data, ATTACKS, curves=CURVES, sanity=True, checkpoint_root=root / "ck",
+                            log=lambda _: None)
+    return store, paths
+
+
+def statuses(bench_dir, name) -> dict[str, str]:
+    store, paths = bench_dir
+    return {r.name: r.status for r in stored_checks(store, sha256_file(paths[name]), "Linf", EPS)}
+
+
+@pytest.mark.parametrize("name", ["natural", "pgd_at"])
+def test_honest_models_pass_every_check(bench_dir, name):
+    got = statuses(bench_dir, name)
+    assert set(got) == set(CHECKS.names())
+    flagged = {k: v for k, v in got.items() if v in ("fail", "warn")}
+    assert not flagged, flagged
+    assert got["autoattack_vs_pgd"] == "not-run"  # not in this suite: said, not hidden
+
+
+@pytest.mark.parametrize("kind", sorted(FLAGGED_BY))
+def test_planted_failures_are_flagged_by_their_check(bench_dir, kind):
+    got = statuses(bench_dir, kind)
+    assert got[FLAGGED_BY[kind]] == "fail", got
+
+
+def test_checks_are_stored_with_summaries_and_not_rerun(bench_dir, tmp_path):
+    store, paths = bench_dir
+    with store.session() as s:
+        rows = s.scalars(select(SanityCheck).where(SanityCheck.checkpoint_sha256 == sha256_file(paths["softmax"]))).all()
+    assert len(rows) == len(CHECKS.names())
+    assert all(r.summary and r.device and r.config["checks"] == CHECKS.names() for r in rows)
+    again = evaluate_checkpoint(store, paths["natural"], load_dataset("synthetic"), ATTACKS, curves=CURVES, sanity=True,
+                                checkpoint_root=tmp_path, log=lambda _: None)
+    assert again.computed == 0 and again.checks is None  # nothing new: the stored checks stand
