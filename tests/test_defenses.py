@@ -138,6 +138,28 @@ MODES = {
     "pgd_at": "T" * 11,
     "trades": "F" * 11 + "TT",  # p(x) without grad, 10 PGD steps, then f(x) and f(x')
     "mart": "F" * 10 + "TT",
+    "spat": "F" * 11 + "TT",  # as TRADES: f(x) without grad, 10 PGD steps, then f(x) and f(x')
+    "tat_dra": "F" * 5 + "T",  # 5 DRA steps in eval mode, then f([x; x_dra])
+    "tgcl": "T",  # one student forward; the teacher's (eval mode) is another module
+    # H-SAT (λ = 0.8 at epoch 1): per PGD step f(x') and f at the shifted weights (one chunk of 32)
+    "h_sat": "FF" * 10 + "T",
+    # P-SAT (λ = 0 at epoch 1): data dependent; on this batch every sample is misclassified, so
+    # frozen, by step 4 (the stopping rule itself: tests/test_defense_sat.py)
+    "p_sat": "F" * 4 + "T",
+    "sat_r1": "F" * 8 + "T",  # FGSM, 7 I-FGSM steps (eval, as the authors' code), f([x_fgsm; x_ifgsm])
+    "sat_r2": "FFT",  # FGSM, R+FGSM (eval), f([x_fgsm; x_rfgsm])
+    "sat_r3": "FT",  # one gradient (eval) for both FGSM sizes, f([x_low; x_high])
+    "atlas": "TTT",  # FGSM from the random start (train mode, as fast_at), then f(x') and f(x)
+    "jacobian_reg": "T",
+    "alp": "F" * 10 + "T",  # 10 PGD steps in eval mode (the authors' code), then f([x; x'])
+    "free_at": "T" * 8,  # m = 8 replays of the batch
+    "eat": "TT",  # f(x), f(x_fgsm); a static source's forward is another module's
+    # DAT at epoch 1 (c = 0.5): on this fresh model every FOSC at the random start is below c, so one
+    # eval-mode check per sample and no step, then f(x') (the stopping rule: test_defense_baselines_b.py)
+    "dat": "FT",
+    "cat": "T",  # a 1-epoch run is all lesson 0 (clean batch)
+    "awp": "T" * 12,  # 10 PGD steps, ∇_w ρ at w (the proxy), ρ at w + v
+    "gairat": "F" * 10 + "T",  # 10 GA-PGD steps (eval, as the authors' code), then f(x')
 }
 
 
@@ -190,9 +212,45 @@ def test_paper_defaults():
 #   pgd_at   11 / 11: 10 steps, then f(x').
 #   trades   13 / 12: p(x) without grad, 10 steps, then f(x) and f(x') (both back-propagated).
 #   mart     12 / 12: 10 steps, then f(x) and f(x').
+#   spat     13 / 12: as trades (f(x) without grad, 10 steps on the robustness loss, f(x), f(x')).
+#   tat_dra  7 / 7 in an adversarial epoch: 5 DRA steps, then one forward of [x; x_dra] (2B outputs
+#            per B samples). 1 / 1 in the clean-only epochs. The natural pre-training is its own run.
+#   tgcl     1 / 2 in phase 1 (checked here): f(x) is back-propagated for J_S = ∇ₓp_y (create_graph)
+#            and by loss.backward (a double backward). 1 / 3 in phase 2 (+ ∇ₓCE; tests/test_defense_tgcl.py).
+#            Not counted: the teacher's forward/backward per sample (own module) and the discriminators.
+#   h_sat    21 / 11 while λ < 1: per step f(x') back-propagated once (to x and θ together) and a
+#            no-grad forward at the shifted weights; then f(x'). 11 / 11 once λ = 1 (PGD-AT).
+#   p_sat    2 / 2 with 1 step (checked here: the first step always runs on every sample). With K
+#            steps 1 + Σ_k (share of samples still within λ at step k): data dependent, between
+#            2 / 2 and K + 1 (tests/test_defense_sat.py checks it against Algorithm 1).
+#   sat_r1   2 + 8/B each with k = 1 pair: FGSM of B, 7 I-FGSM steps of 1 sample, f([x_fgsm; x_ifgsm])
+#            of B + 1 (2.25 at B = 32; 2.06 at 128). Table 8 of the paper counts only the
+#            generation: 1 FBP (+ 7 for the one I-FGSM sample).
+#   sat_r2   4 / 4: FGSM and R+FGSM (B each), then f([x_fgsm; x_rfgsm]) (2B). Table 8: 1 FBP.
+#   sat_r3   3 / 3: one gradient for both sizes, then f([x_low; x_high]) (2B). Table 8: 1 FBP.
+#   atlas    3 / 4: FGSM from the random start; f(x') back-propagated for the Jacobian estimate vᵀJ
+#            (create_graph) and again by loss.backward; f(x) once. K PGD steps: K + 2 / K + 3. Not
+#            counted: the double backward through the vᵀJ graph inside loss.backward (about one more
+#            forward + backward of work), which passes through no model output.
+#   jacobian_reg 1 / 2: f(x) back-propagated for vᵀJ and by loss.backward (+ the uncounted double backward).
+#   alp      12 / 12: 10 PGD steps, then f([x; x']) (2B outputs per B samples).
+#   free_at  8 / 8: m = 8 replays, one forward and one backward each (7 in training_step, which also
+#            takes 7 of the 8 optimizer steps, and the trainer's).
+#   eat      2 / 3 when the current model is the source (checked here: the seed-0 draw picks it): f(x) is
+#            back-propagated for ∇ₓ and by loss.backward, then f(x_fgsm). 2 / 2 from a static model,
+#            whose forward / backward (one each) and natural pre-training (its own run) are not counted.
+#   dat      2 / 2 here (see MODES). In general 1 + Σ_k (share of samples still above c_t at check k),
+#            between 2 / 2 and K + 1; data dependent (tests/test_defense_baselines_b.py).
+#   cat      1 / 1 in lesson 0 (checked here). At strength l: 1 + Σ_i i·|part_i|/B ≈ 1 + l/2.
+#   awp      12 / 12: 10 steps, ∇_w ρ at w, then ρ at w + v. 11 / 11 during the warm-up (PGD-AT).
+#            TRADES base: 15 / 14 (p(x) without grad, 10 steps, f(x) and f(x') twice).
+#   gairat   11 / 11: 10 steps (κ is counted on the same forwards), then f(x').
 PASSES = {"natural": (1, 1), "fgsm_at": (2, 3), "fast_at": (2, 2), "pgd_at": (11, 11),
-          "trades": (13, 12), "mart": (12, 12)}
-STEPS = {"pgd_at": 10, "trades": 10, "mart": 10}
+          "trades": (13, 12), "mart": (12, 12), "spat": (13, 12), "tat_dra": (7, 7), "tgcl": (1, 2),
+          "h_sat": (21, 11), "p_sat": (2, 2), "sat_r1": (2.25, 2.25), "sat_r2": (4, 4), "sat_r3": (3, 3),
+          "atlas": (3, 4), "jacobian_reg": (1, 2), "alp": (12, 12), "free_at": (8, 8),
+          "eat": (2, 3), "dat": (2, 2), "cat": (1, 1), "awp": (12, 12), "gairat": (11, 11)}
+STEPS = {"pgd_at": 10, "trades": 10, "mart": 10, "spat": 10, "tat_dra": 5, "h_sat": 10, "p_sat": 1}
 
 
 @pytest.mark.parametrize("name", NAMES)
