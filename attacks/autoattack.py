@@ -17,7 +17,7 @@ import torch
 from attacks.apgd import APGDDLR, APGDT
 from bench.attack import ATTACKS, Attack, TraceStep, load_attacks, register_attack
 from bench.errors import BenchError
-from bench.evaluation import BALL_TOLERANCE, perturbation_norms
+from bench.threat import BALL_TOLERANCE, perturbation_norms
 
 VERSIONS = {
     "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from attacks.deepfool import observe_in_ball
 from attacks.pgd import PGD
 from bench.attack import Attack, register_attack
 from bench.errors import BenchError
@@ -33,6 +32,7 @@ class CWLinf(PGD):
     """
 
     norms = ("Linf",)
+    norm_hint = "for L2 use pgd with loss=cw"
 
     @dataclass(frozen=True)
     class Config:
@@ -47,8 +47,6 @@ class CWLinf(PGD):
     def __init__(self, **params):
         Attack.__init__(self, **params)
         c = self.config
-        if c.norm != "Linf":
-            raise BenchError(f"attack 'cw_linf' is L∞ only, got norm {c.norm!r}; for L2 use pgd with loss=cw")
         if c.loss != "cw":
             raise BenchError(f"attack 'cw_linf' uses the C&W margin loss, got loss={c.loss!r}; for cross-entropy use pgd")
         if c.steps < 1 or c.restarts < 1 or (c.step_size is not None and not c.step_size > 0):
@@ -84,6 +82,7 @@ class CWL2(Attack):
 
     minimum_norm = True
     norms = ("L2",)
+    norm_hint = "for Linf use cw_linf"
 
     @dataclass(frozen=True)
     class Config:
@@ -99,8 +98,6 @@ class CWL2(Attack):
     def __init__(self, **params):
         super().__init__(**params)
         c = self.config
-        if c.norm != "L2":
-            raise BenchError(f"attack 'cw_l2' is L2 only, got norm {c.norm!r}; for L∞ use cw_linf")
         if c.steps < 1 or c.binary_steps < 1 or not (c.lr > 0 and c.initial_const > 0 and c.confidence >= 0):
             raise BenchError(f"attack 'cw_l2' needs steps >= 1, binary_steps >= 1, lr > 0, initial_const > 0 and "
                              f"confidence >= 0, got steps={c.steps}, binary_steps={c.binary_steps}, lr={c.lr}, "
@@ -140,7 +137,7 @@ class CWL2(Attack):
                     previous = loss.item()
                 with torch.no_grad():
                     x_it = x_new.detach()
-                    observe_in_ball(self, logits.detach(), y, x_it, x, index)
+                    self.observe_in_ball(logits.detach(), y, x_it, x, index)
                     success = (logits.detach() + c.confidence * true_class).argmax(1) != y
                     dist = (x_it - x).flatten(1).norm(dim=1)
                     better = success & (dist < best_dist)

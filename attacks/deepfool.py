@@ -10,18 +10,8 @@ import torch.nn.functional as F
 
 from bench.attack import Attack, register_attack
 from bench.errors import BenchError
-from bench.evaluation import BALL_TOLERANCE, perturbation_norms
 
 STEP_MARGIN = 1e-4  # the official code steps (pert + 1e-4)·w/‖w‖, just across the linearized boundary
-
-
-def observe_in_ball(attack: Attack, logits: torch.Tensor, y: torch.Tensor, x_iter: torch.Tensor,
-                    x: torch.Tensor, index: torch.Tensor) -> None:
-    """`attack.observe` for a minimum-norm attack: only the iterates inside the eps ball count (one
-    that fools the model farther out is no success at eps, and would read as a silent success).
-    `logits`, `y`, `x_iter`, `x` are rows `index` of the batch."""
-    inside = perturbation_norms(x_iter, x, attack.config.norm) <= attack.config.eps + BALL_TOLERANCE
-    attack.observe(logits[inside], y[inside], index=index[inside])
 
 
 @register_attack("deepfool")
@@ -70,7 +60,7 @@ class DeepFool(Attack):
             with torch.enable_grad():
                 logits = model(xa)
             ya = y[active]
-            observe_in_ball(self, logits, ya, xa.detach(), x[active], active)
+            self.observe_in_ball(logits, ya, xa.detach(), x[active], active)
             if others is None:
                 masked = logits.detach().masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
                 others = masked.topk(min(c.candidates, logits.shape[1]) - 1, dim=1).indices

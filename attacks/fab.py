@@ -211,12 +211,6 @@ class FAB(Attack):
                      for j in range(n_classes)]
         return logits.detach(), diff.detach(), torch.stack(grads, 1)
 
-    def _observe(self, logits, y, x_iter, x0, index):
-        """Record an iterate; one outside the eps ball does not count as fooled (its label is taken
-        as the prediction), since a minimum-norm attack's far iterates are no success at eps."""
-        inside = _norm(x_iter - x0, self.config.norm) <= self.config.eps
-        self.observe(logits, torch.where(inside, y, logits.argmax(1)), index=index)
-
     def _run(self, model: nn.Module, x0: torch.Tensor, y: torch.Tensor, classes: torch.Tensor,
              start: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One run of FAB from `start` on samples x0 (positions `index` in the batch), all correctly
@@ -231,7 +225,7 @@ class FAB(Attack):
         x1 = start
         for _ in range(c.steps):
             logits, df, dg = self._linearize(model, x1, y, classes)
-            self._observe(logits, y, x1, x0, index)
+            self.observe_in_ball(logits, y, x1, x0, index)
             with torch.no_grad():
                 dual = dg.abs().sum(-1) if c.norm == "Linf" else (dg ** 2).sum(-1).sqrt()
                 k = (df.abs() / (dual + DIST_EPS)).argmin(1)
@@ -243,7 +237,7 @@ class FAB(Attack):
                 d1, d2 = d[:n].view_as(x0), d[n:].view_as(x0)
                 x1 = ((x1 + c.eta * d1) * (1 - alpha) + (x0 + c.eta * d2) * alpha).clamp(0, 1)
                 logits = model(x1)
-                self._observe(logits, y, x1, x0, index)
+                self.observe_in_ball(logits, y, x1, x0, index)
                 fooled = logits.argmax(1) != y
                 dist = _norm(x1 - x0, c.norm)
                 closer = fooled & (dist < best_norm)

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import torch
 
-from attacks.deepfool import observe_in_ball
 from bench.attack import Attack, register_attack
 from bench.errors import BenchError
 
@@ -56,8 +55,6 @@ class RayS(Attack):
     def __init__(self, **params):
         super().__init__(**params)
         c = self.config
-        if c.norm != "Linf":
-            raise BenchError(f"attack 'rays' is L∞ only (a search over sign vectors), got norm {c.norm!r}")
         if c.queries < 1:
             raise BenchError(f"attack 'rays' needs queries >= 1, got {c.queries}")
 
@@ -84,7 +81,7 @@ class RayS(Attack):
             points = (flat[idx] + r[:, None] * trial[idx]).clamp(0, 1).view(-1, *x.shape[1:])
             logits = model(points)
             used[idx] += 1
-            observe_in_ball(self, logits, y[idx], points, x[idx], idx)
+            self.observe_in_ball(logits, y[idx], points, x[idx], idx)
             return logits.argmax(1) != y[idx]
 
         everyone = torch.arange(n, device=x.device)

@@ -10,7 +10,8 @@ import torch.nn as nn
 
 from bench.config import build_config
 from bench.registry import Registry
-from bench.threat import ThreatModel, check_eps, check_norm
+from bench.errors import BenchError
+from bench.threat import BALL_TOLERANCE, NORMS, ThreatModel, check_eps, check_norm, perturbation_norms
 
 if TYPE_CHECKING:
     from bench.evaluation import EvalContext
@@ -31,7 +32,8 @@ class Attack:
     - `minimum_norm`: the attack looks for the smallest adversarial perturbation and returns it
       wherever it lies (or x where it found none); a sample counts as robust at eps when the
       returned point is classified correctly or lies farther than eps. Otherwise the returned
-      point must lie in the eps ball.
+      point must lie in the eps ball;
+    - `norms`: the norms it supports (others are refused with a clear error, plus `norm_hint`).
 
     Iterative attacks call `observe(logits, y, loss)` at each iterate they evaluate; the
     evaluation reads the record (`start_trace` / `pop_trace`) to find silent successes (an
@@ -46,11 +48,16 @@ class Attack:
     implementation: ClassVar[str] = "atbench"
     kind: ClassVar[str] = "gradient"
     minimum_norm: ClassVar[bool] = False
+    norms: ClassVar[tuple[str, ...]] = NORMS
+    norm_hint: ClassVar[str] = ""
     name: ClassVar[str]
 
     def __init__(self, **params):
         self.config = build_config(self.Config, params, f"attack {self.name!r}")
         check_norm(self.config.norm)
+        if self.config.norm not in self.norms:
+            raise BenchError(f"attack {self.name!r} supports {' and '.join(self.norms)} only, got norm "
+                             f"{self.config.norm!r}" + (f"; {self.norm_hint}" if self.norm_hint else ""))
         check_eps(self.config.eps, self.config.norm)
         self._trace: list[TraceStep] | None = None
         self.stats: dict = {}
@@ -82,6 +89,14 @@ class Attack:
         if self._trace is not None:
             fooled = logits.detach().argmax(1) != y
             self._trace.append(TraceStep(fooled, None if loss is None else loss.detach().float(), index))
+
+    def observe_in_ball(self, logits: torch.Tensor, y: torch.Tensor, x_iter: torch.Tensor, x: torch.Tensor,
+                        index: torch.Tensor | None = None) -> None:
+        """`observe` for a minimum-norm attack: an iterate counts as fooling only inside the eps ball
+        (one that fools the model farther out is no success at eps and is not a silent success)."""
+        if self._trace is not None:
+            inside = perturbation_norms(x_iter, x, self.config.norm) <= self.config.eps + BALL_TOLERANCE
+            self.observe(logits, torch.where(inside, y, logits.argmax(1)), index=index)
 
     def start_trace(self) -> None:
         self._trace = []

@@ -32,9 +32,8 @@ from bench.models import eval_mode
 from bench.pretrained import Pretrained
 from bench.provenance import provenance
 from bench.store import Evaluation, SampleResult, Store
-from bench.threat import ThreatModel
+from bench.threat import BALL_TOLERANCE, ThreatModel, perturbation_norms
 
-BALL_TOLERANCE = 1e-5
 CLEAN = "clean"
 PROTOCOL = 2  # 2: per-batch seeding. Part of every evaluation's identity: bump it when results change.
 TRACE_POINTS = 200  # a stored loss trace is thinned to at most this many points
@@ -120,11 +119,6 @@ def digest(obj) -> str:
 def batch_seed(seed: int, start: int) -> int:
     """The RNG seed of the batch that begins at position `start` of a sample set."""
     return (seed * 1_000_003 + start) % (2 ** 63)
-
-
-def perturbation_norms(x_adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
-    delta = (x_adv - x).flatten(1)
-    return delta.abs().amax(1) if norm == "Linf" else delta.norm(p=2, dim=1)
 
 
 def run_attack(model: nn.Module, attack: Attack | None, x: torch.Tensor, y: torch.Tensor,

@@ -5,10 +5,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 from bench.config import parse_number
 from bench.errors import BenchError
 
 NORMS = ("Linf", "L2")
+BALL_TOLERANCE = 1e-5  # float slack when checking that a point lies in its eps ball
 
 
 @dataclass(frozen=True)
@@ -53,3 +56,9 @@ def format_eps(eps: float) -> str:
     if len(text) > 5 and 0 < eps < 1 and abs(k - round(k)) < 1e-6:
         return f"{round(k)}/255"
     return text
+
+
+def perturbation_norms(x_adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-sample distance ‖x_adv − x‖ in `norm`."""
+    delta = (x_adv - x).flatten(1)
+    return delta.abs().amax(1) if norm == "Linf" else delta.norm(p=2, dim=1)

@@ -61,8 +61,8 @@ def make(name: str, ctx=None, **params):
 
 
 def norms_of(name: str) -> tuple[str, ...]:
-    """The norms an attack supports: its class attribute `norms` (e.g. RayS is L∞ only), else both."""
-    return getattr(ATTACKS.get(name), "norms", ("Linf", "L2"))
+    """The norms an attack supports (e.g. RayS is L∞ only)."""
+    return ATTACKS.get(name).norms
 
 
 def robust(model, attack, x, y, x_adv) -> torch.Tensor:

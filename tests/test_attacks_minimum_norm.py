@@ -301,7 +301,7 @@ def test_minimum_norm_defaults_are_the_papers():
 
 
 @pytest.mark.parametrize("name, params, message", [
-    ("rays", dict(norm="L2", eps=0.5), "L∞ only"), ("rays", dict(queries=0), "queries"),
+    ("rays", dict(norm="L2", eps=0.5), "supports Linf only"), ("rays", dict(queries=0), "queries"),
     ("cw_l2", dict(norm="Linf", eps=0.03), "cw_linf"), ("cw_l2", dict(steps=0), "steps"),
     ("cw_l2", dict(lr=-0.01), "lr"), ("cw_l2", dict(initial_const=0.0), "initial_const"),
     ("cw_l2", dict(confidence=-1.0), "confidence"),
