@@ -91,6 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true")
     _common(p)
 
+    p = sub.add_parser("perf", help="benchmarks that print figures")
+    what = p.add_subparsers(dest="what", required=True)
+    q = what.add_parser("eval", help="seconds and passes per attack, side by side with torchattacks")
+    q.add_argument("--checkpoint", default=None, help="model checkpoint (default: a PGD-trained small CNN on digits, "
+                   "trained once into --checkpoints)")
+    q.add_argument("--attack", action="append", metavar="NAME", help="attack to time (repeatable; default: all that "
+                   "torchattacks also has)")
+    q.add_argument("--n-samples", type=int, default=256, help="test samples attacked (default: 256)")
+    q.add_argument("--repeats", type=int, default=3, help="runs of each attack; the fastest is shown (default: 3)")
+    q.add_argument("--checkpoints", default="checkpoints")
+    q.add_argument("--data-dir", default=None)
+    q.add_argument("--device", default=None)
+    q.add_argument("--db", default="results.db")
+
     p = sub.add_parser("report", help="render the HTML leaderboard from the store")
     p.add_argument("--out", default="reports")
     _common(p, data=False)
@@ -199,7 +213,23 @@ def cmd_report(args) -> None:
     print(f"report: {Path(index).resolve()}")
 
 
-COMMANDS = {"list": cmd_list, "train": cmd_train, "eval": cmd_eval, "run": cmd_run, "report": cmd_report}
+def cmd_perf(args) -> None:
+    from bench.data import eval_indices
+    from bench.perf import DEFAULT_ATTACKS, load_reference, perf_eval
+
+    if args.repeats < 1 or args.n_samples < 1:
+        raise BenchError(f"--repeats and --n-samples must be >= 1, got {args.repeats} and {args.n_samples}")
+    device = _device(args.device)
+    model, data, norm, eps = load_reference(args.checkpoint, args.checkpoints, args.db, args.data_dir, device)
+    idx = torch.tensor(eval_indices(len(data.test_x), args.n_samples))
+    print(f"perf eval: {model.spec['name']} on {data.name}, {norm} eps={eps:g}, {len(idx)} samples, "
+          f"{args.repeats} repeats, {device}; torchattacks configured alike (paper budgets)")
+    perf_eval(model, data.test_x[idx], data.test_y[idx], norm, eps, data.num_classes,
+              names=args.attack or DEFAULT_ATTACKS, repeats=args.repeats, device=device)
+
+
+COMMANDS = {"list": cmd_list, "train": cmd_train, "eval": cmd_eval, "run": cmd_run, "perf": cmd_perf,
+            "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from attacks.pgd import ce_loss, default_step_size, input_gradient
 from bench.defense import Defense, register_defense
-from bench.errors import BenchError
 from bench.models import eval_mode
 
 
@@ -101,9 +100,6 @@ class TATDRA(Defense):
                 raise ValueError(f"pretrain_epochs must be >= 1, got {self.pretrain_epochs}")
 
     def setup(self, model, ctx):
-        if ctx.pretrained is None:
-            raise BenchError('defense "tat_dra" fine-tunes a naturally trained model, '
-                             'but no pretrained runs are available here')
         train = {"epochs": self.config.pretrain_epochs} if self.config.pretrain_epochs is not None else None
         model.load_state_dict(ctx.pretrained("natural", train=train).state_dict())
 

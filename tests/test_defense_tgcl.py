@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from bench.checkpoint import MODEL_FORMAT, STATE_FORMAT, safe_load
 from bench.counting import count_passes
 from bench.data import load_dataset
-from bench.defense import DEFENSES, load_defenses
+from bench.defense import load_defenses
 from bench.errors import BenchError
 from bench.store import Store
 from bench.threat import ThreatModel

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from sqlalchemy import select
 
 from bench.checkpoint import sha256_file
