@@ -20,7 +20,7 @@ from bench.sanity import (Check, CheckContext, CheckResult, Record, grade, mean_
                           paired_difference, register_check, wilson)
 
 ORDER_MARGIN = 0.01   # one point of accuracy: what an ordering violation may reach by attack noise alone
-GAP_WARN, GAP_FAIL = 0.05, 0.10
+GAP_WARN, GAP_FAIL = 0.10, 0.20
 
 
 def _ordering(name_a: str, a: Record | list[Record], name_b: str, b: Record, what: str,
@@ -170,9 +170,14 @@ class NoiseWeakerThanGradient(Check):
 
 @register_check("autoattack_vs_pgd")
 class AutoAttackVsPGD(Check):
-    """AutoAttack is not far below PGD (Croce & Hein 2020, §5: on defenses whose PGD numbers hold,
-    AutoAttack lowers them by a few points; gaps above 10 points flagged masked defenses). Value:
-    acc(PGD) − acc(AutoAttack), warn above 5 points, fail when above 10 with 95% confidence."""
+    """AutoAttack is not far below PGD (Croce & Hein 2020, §5): a large gap means the PGD numbers
+    came from a loss surface that fools PGD (masked gradients), not from robustness. Value:
+    acc(PGD) − acc(AutoAttack), paired; warns when significantly above 10 points, fails when above
+    20 with 95% confidence. Why not the few points of the paper's CIFAR tables: on small models
+    APGD is a much better optimizer than fixed-step PGD even without masking (measured: PGD-trained
+    tiny CNN on the synthetic set 8.6 points, PGD-AT/TRADES/MART on digits 6–9 points), while the
+    masked models measured here reach 48 (quantized input) and the masked defenses of the paper
+    tens of points."""
 
     def run(self, ctx):
         aa, pgd = next((r for r in ctx.attacks if r.attack == "autoattack"), None), _strongest_pgd(ctx)

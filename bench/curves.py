@@ -41,7 +41,8 @@ CONVERGENCE_GAIN = 0.01    # ... raising a still-robust sample's best loss by mo
 class CurveSettings:
     """Which curves to compute, on the first `n_samples` of the evaluation subset (None: all).
     `eps` empty means `default_eps_grid`. The steps curve uses a step of `step_fraction`·eps (0.025:
-    PGD-100's default 2.5·eps/100, so its point at 100 steps is the suite's PGD-100)."""
+    PGD-100's default 2.5·eps/100, so its point at 100 steps is the suite's PGD-100). In a suite,
+    `checkpoints` says which of its evaluated checkpoints get curves."""
 
     n_samples: int | None = 200
     eps: tuple[float, ...] = ()
@@ -50,6 +51,7 @@ class CurveSettings:
     step_fraction: float = 0.025
     restarts: tuple[int, ...] = (1, 2, 5, 10)
     restart_steps: int = 20
+    checkpoints: tuple[str, ...] = ("best", "last")
 
     def __post_init__(self):
         if any(e <= 0 or not math.isfinite(e) for e in self.eps):

@@ -67,11 +67,12 @@ class Pretrained:
         if which not in ("best", "last"):
             raise BenchError(f"pretrained checkpoint must be 'best' or 'last', got {which!r}")
         spec = self.spec(defense, **kwargs)
-        if self.progress:
-            print(f"  pretrained {defense} ({spec.model}, {spec.train.epochs} epochs): run {spec.run_id}", flush=True)
         # training reseeds the global RNG; the caller's stream must not depend on whether the run was stored
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             result = train(spec, self.data, store=self.store, checkpoint_root=self.checkpoint_root,
                            device=self.device, progress=self.progress)
+        if self.progress and result.trained_now:
+            print(f"  pretrained {defense} ({spec.model}, {spec.train.epochs} epochs) trained: run {spec.run_id}",
+                  flush=True)
         model, _ = load_model(result.directory / f"{which}.pt")
         return model.to(self.device).eval().requires_grad_(False)

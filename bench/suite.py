@@ -153,10 +153,12 @@ def parse_suite(doc: dict[str, Any], path: Path) -> Suite:
         attacks.append(spec)
 
     settings = build_config(EvalSettings, _table(doc, "evaluation", where), f"{where} [evaluation]")
-    for kind in settings.checkpoints:
-        if kind not in CHECKPOINT_KINDS:
-            raise BenchError(f"{where} [evaluation] checkpoints: unknown kind {kind!r}; accepted: {', '.join(CHECKPOINT_KINDS)}")
     curves = build_config(CurveSettings, _table(doc, "curves", where), f"{where} [curves]") if settings.curves else None
+    for table, kinds in (("[evaluation]", settings.checkpoints), ("[curves]", curves.checkpoints if curves else ())):
+        for kind in kinds:
+            if kind not in CHECKPOINT_KINDS:
+                raise BenchError(f"{where} {table} checkpoints: unknown kind {kind!r}; accepted: "
+                                 f"{', '.join(CHECKPOINT_KINDS)}")
     planted = []
     for label, entry in _table(doc, "planted", where).items():
         _check_keys(entry, ("from", "kind", "checkpoint"), f"{where} [planted.{label}]")
@@ -207,7 +209,8 @@ def run_suite(suite: Suite, data: Dataset, *, store: Store, checkpoint_root: str
             print("  already trained: skipped", flush=True)
         for kind in suite.evaluation.checkpoints:
             print(f"[{suite.name}] {spec.label}: evaluate {kind}.pt", flush=True)
-            _evaluate(suite, data, store, result.directory / f"{kind}.pt", summary, device, force, checkpoint_root)
+            _evaluate(suite, data, store, result.directory / f"{kind}.pt", summary, device, force, checkpoint_root,
+                      curves=suite.curves is not None and kind in suite.curves.checkpoints)
     for p in suite.planted:
         run_id, directory = directories[p.source]
         path = directory / f"planted-{p.kind}.pt"
@@ -218,16 +221,16 @@ def run_suite(suite: Suite, data: Dataset, *, store: Store, checkpoint_root: str
             store.set_checkpoint(s, run_id, f"planted-{p.kind}", str(path), sha256_file(path),
                                  load_model(path)[1]["epoch"], **provenance(torch.device(device), {"plant": p.kind,
                                                                                                "from": p.checkpoint}, 0))
-        _evaluate(suite, data, store, path, summary, device, force, checkpoint_root)
+        _evaluate(suite, data, store, path, summary, device, force, checkpoint_root, curves=suite.curves is not None)
     return summary
 
 
 def _evaluate(suite: Suite, data: Dataset, store: Store, path: Path, summary: SuiteSummary, device, force: bool,
-              checkpoint_root) -> None:
+              checkpoint_root, curves: bool) -> None:
     report = evaluate_checkpoint(store, path, data, suite.attacks, n_samples=suite.evaluation.n_samples,
                                  seed=suite.evaluation.seed, batch_size=suite.evaluation.batch_size,
-                                 device=device, force=force, curves=suite.curves, sanity=suite.evaluation.sanity,
-                                 checkpoint_root=checkpoint_root)
+                                 device=device, force=force, curves=suite.curves if curves else None,
+                                 sanity=suite.evaluation.sanity, checkpoint_root=checkpoint_root)
     summary.evaluated += report.computed
     summary.evaluations_cached += sum(o.cached for o in report.outcomes)
     if report.computed == 0:
