@@ -193,13 +193,7 @@ class APGD(Attack):
         attacks, the loss as a function of their logits."""
         raise NotImplementedError
 
-    def perturb(self, model, x, y):
-        with torch.no_grad():
-            logits = model(x)
-        return self.attack_robust(model, x, y, logits)
-
     def attack_robust(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """The attack given the clean `logits` of x (AutoAttack passes those it already has)."""
         if logits.shape[1] < self.min_classes:
             raise BenchError(f"attack {self.name!r} needs a model with at least {self.min_classes} classes "
                              f"(the {self.loss_name} loss is undefined below that); this one has {logits.shape[1]}")

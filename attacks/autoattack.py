@@ -148,8 +148,7 @@ class AutoAttack(Attack):
                 xs, ys = x[idx], y[idx]
                 if self._trace is not None:
                     attack.start_trace()
-                given_logits = getattr(attack, "attack_robust", None)  # APGD, FAB: no second clean forward
-                xa = attack(model, xs, ys) if given_logits is None else given_logits(model, xs, ys, logits[idx])
+                xa = attack.attack_robust(model, xs, ys, logits[idx])  # no second clean forward
                 if self._trace is not None:
                     self._trace.extend(TraceStep(s.fooled, s.loss, idx if s.index is None else idx[s.index])
                                        for s in attack.pop_trace())

@@ -159,13 +159,7 @@ class FAB(Attack):
                              f"0 < restart_scale <= 1, got alpha_max={c.alpha_max}, eta={c.eta}, beta={c.beta}, "
                              f"restart_scale={c.restart_scale}")
 
-    def perturb(self, model, x, y):
-        with torch.no_grad():
-            logits = model(x)
-        return self.attack_robust(model, x, y, logits)
-
     def attack_robust(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """The attack given the clean `logits` of x (AutoAttack passes those it already has)."""
         c = self.config
         x = x.detach()
         best, best_norm = x.clone(), torch.full((len(x),), float("inf"), device=x.device)

@@ -118,13 +118,7 @@ class Square(Attack):
             raise BenchError(f"attack 'square' needs queries >= 1, restarts >= 1 and 0 < p_init <= 1, "
                              f"got queries={c.queries}, restarts={c.restarts}, p_init={c.p_init}")
 
-    def perturb(self, model, x, y):
-        with torch.no_grad():
-            logits = model(x)
-        return self.attack_robust(model, x, y, logits)
-
     def attack_robust(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """The attack given the clean `logits` of x (AutoAttack passes those it already has)."""
         c = self.config
         if x.dim() != 4 or (c.norm == "L2" and min(x.shape[2:]) < 5):
             raise BenchError(f"attack 'square' needs images (N, C, H, W), for L2 of at least 5x5 pixels, "

@@ -77,6 +77,14 @@ class Attack:
         return self.perturb(model, x, y)
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Default, for attacks that start from the clean prediction: one clean forward pass, then
+        `attack_robust`. An attack defines `perturb` or `attack_robust`."""
+        with torch.no_grad():
+            logits = model(x)
+        return self.attack_robust(model, x, y, logits)
+
+    def attack_robust(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The attack given the clean `logits` of x (AutoAttack passes those it already has)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ optimization trace
