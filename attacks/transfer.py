@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from attacks.pgd import PGD
 from bench.attack import Attack, register_attack
@@ -16,9 +16,10 @@ class Transfer(Attack):
     trained surrogate of another architecture on the same training data, then the target is
     asked only for its prediction (it spends no gradient: its passes are the final forward).
 
-    The surrogate is an ordinary run (defense `natural`, architecture `surrogate_model`), trained
+    The surrogate is an ordinary run (defense `natural`, architecture `surrogate_model` with
+    `surrogate_model_params`), trained
     on demand with this config's budget and cached like any run. There is no paper default for
-    it: `mlp` (10 epochs of Adam at 1e-3) trains in seconds on MNIST-sized data and is another
+    it: `mlp` (10 epochs of Adam at 1e-3, ×0.1 at 50% and 75%) trains in seconds on MNIST-sized data and is another
     architecture than every CNN; CIFAR suites should name a CNN (e.g. `preact_resnet18` against
     a WRN) and a fitting budget. The PGD on the surrogate uses the suite's `pgd` defaults
     (20 steps of 2.5·eps/20 from a random start, cross-entropy).
@@ -31,6 +32,7 @@ class Transfer(Attack):
         norm: str = "Linf"
         eps: float = 8 / 255
         surrogate_model: str = "mlp"
+        surrogate_model_params: dict = field(default_factory=dict)
         surrogate_epochs: int = 10
         surrogate_optimizer: str = "adam"
         surrogate_lr: float = 1e-3
@@ -49,9 +51,10 @@ class Transfer(Attack):
 
     def prepare(self, ctx):
         c = self.config
-        self.surrogate = ctx.pretrained("natural", model=c.surrogate_model, train={
-            "epochs": c.surrogate_epochs, "optimizer": c.surrogate_optimizer, "lr": c.surrogate_lr,
-            "batch_size": c.surrogate_batch_size, "weight_decay": 0.0, "schedule": "constant", "val_steps": 1})
+        self.surrogate = ctx.pretrained(
+            "natural", model=c.surrogate_model, model_params=dict(c.surrogate_model_params),
+            train={"epochs": c.surrogate_epochs, "optimizer": c.surrogate_optimizer, "lr": c.surrogate_lr,
+                   "batch_size": c.surrogate_batch_size, "weight_decay": 0.0, "schedule": "piecewise", "val_steps": 1})
 
     def perturb(self, model, x, y):
         if self.surrogate is None:

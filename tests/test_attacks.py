@@ -27,7 +27,7 @@ QUICK = {
     "autoattack": {"version": "standard", "apgd_steps": 20, "square_queries": 200},
     "multi_targeted": {"steps": 20},
     "cw_l2": {"steps": 100, "binary_steps": 5},
-    "transfer": {"surrogate_epochs": 1},
+    "transfer": {"surrogate_epochs": 3},
 }
 
 
