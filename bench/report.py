@@ -209,7 +209,7 @@ def _run_page(run: dict, d: dict, entries: pd.DataFrame, worst: pd.DataFrame) ->
 
 
 def _notes(diagnostics) -> str:
-    """A short text of what an evaluation recorded besides accuracy."""
+    """A short text of what an evaluation recorded besides accuracy (the full record is in the store)."""
     if not isinstance(diagnostics, dict) or not diagnostics:
         return ""
     notes = []
@@ -218,8 +218,12 @@ def _notes(diagnostics) -> str:
     if "mean_norm" in diagnostics:
         notes.append(f"found {diagnostics.get('found')}, mean norm {diagnostics['mean_norm']:.4g}, "
                      f"median {diagnostics['median_norm']:.4g}")
-    for key, value in sorted((diagnostics.get("stats") or {}).items()):
-        notes.append(f"{key}: {json.dumps(value, sort_keys=True, default=str)}")
+    stats = dict(diagnostics.get("stats") or {})
+    if isinstance(stats.get("robust_after"), dict):
+        notes.append("robust after " + " → ".join(f"{k} {v}" for k, v in stats.pop("robust_after").items()))
+    stats.pop("components", None)  # the configuration: in the evaluation's provenance
+    notes += [f"{key} {_num(value) if isinstance(value, (int, float)) else value}"
+              for key, value in sorted(stats.items()) if not isinstance(value, (dict, list)) or value]
     return "; ".join(notes)
 
 
