@@ -19,7 +19,7 @@ from typing import Callable, ClassVar
 import torch
 import torch.nn as nn
 
-from attacks.pgd import Observer, ascent_step, ce_loss, margin_loss, project
+from attacks.pgd import Observer, ascent_step, ce_loss, margin_loss, per_sample, project
 from bench.attack import Attack, register_attack
 from bench.errors import BenchError
 
@@ -56,19 +56,16 @@ def checkpoints(steps: int) -> list[int]:
     return out
 
 
-def _view(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.view(-1, *([1] * (x.dim() - 1)))
-
-
 def apgd_start(x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
     """The official random start: Linf x + eps·t/‖t‖∞ with t ~ U[−1, 1] (one pixel at ±eps);
-    L2 x + eps·t/‖t‖₂ with t ~ N(0, I) (on the sphere); then clipped to [0, 1]."""
+    L2 x + eps·t/‖t‖₂ with t ~ N(0, I) (on the sphere); then clipped to [0, 1]. The official FAB
+    draws its restarts the same way, at radius restart_scale·eps (see `fab`)."""
     if norm == "Linf":
         t = 2 * torch.rand(x.shape, device=x.device, dtype=x.dtype) - 1
-        t = t / (_view(t.flatten(1).abs().amax(1), x) + GUARD)
+        t = t / (per_sample(t.flatten(1).abs().amax(1), x) + GUARD)
     else:
         t = torch.randn(x.shape, device=x.device, dtype=x.dtype)
-        t = t / (_view(t.flatten(1).norm(p=2, dim=1), x) + GUARD)
+        t = t / (per_sample(t.flatten(1).norm(p=2, dim=1), x) + GUARD)
     return (x + eps * t).clamp(0, 1)
 
 
@@ -115,7 +112,7 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Loss, *, n
         observe(logits, loss)
     fooled = logits.argmax(1) != y
     x_fooled, x_max, loss_max, grad_max = x_adv, x_adv, loss, grad
-    step = _view(torch.full((len(x),), 2.0 * eps, device=x.device, dtype=x.dtype), x)  # η⁽⁰⁾ = 2ε
+    step = per_sample(torch.full((len(x),), 2.0 * eps, device=x.device, dtype=x.dtype), x)  # η⁽⁰⁾ = 2ε
     x_prev = x_adv
     schedule, last_check = set(checkpoints(steps)), 0
     # Condition 1 counts f(x⁽ⁱ⁺¹⁾) > f(x⁽ⁱ⁾) over the window. As in the official code (its loss
@@ -132,22 +129,22 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Loss, *, n
             observe(logits, loss)
         wrong = logits.argmax(1) != y
         fooled |= wrong
-        x_fooled = torch.where(_view(wrong, x), x_adv, x_fooled)
+        x_fooled = torch.where(per_sample(wrong, x), x_adv, x_fooled)
         increases += (loss > loss_prev).to(loss.dtype)
         loss_prev = loss
         better = loss > loss_max
-        x_max, loss_max = torch.where(_view(better, x), x_adv, x_max), torch.where(better, loss, loss_max)
+        x_max, loss_max = torch.where(per_sample(better, x), x_adv, x_max), torch.where(better, loss, loss_max)
         if new_grad is None:  # the last iterate: its gradient would never be used
             continue
         grad = new_grad
-        grad_max = torch.where(_view(better, x), grad, grad_max)
+        grad_max = torch.where(per_sample(better, x), grad, grad_max)
         if i + 1 in schedule:  # halve the step, restart from x_max (Sec. 3.2, conditions 1 and 2)
             window, last_check = i + 1 - last_check, i + 1
             # `<=` as the official code (the paper writes <)
             halve = (increases <= window * rho) | (~reduced_at_last & (loss_max_at_last >= loss_max))
             reduced_at_last, loss_max_at_last = halve, loss_max
             increases = torch.zeros_like(increases)
-            h = _view(halve, x)
+            h = per_sample(halve, x)
             step = torch.where(h, step / 2, step)
             x_adv, grad = torch.where(h, x_max, x_adv), torch.where(h, grad_max, grad)
     return x_fooled, fooled, x_max, loss_max
@@ -212,8 +209,8 @@ class APGD(Attack):
                     model, x[idx], yi, make_loss(idx), norm=c.norm, eps=c.eps, steps=c.steps, rho=c.rho,
                     eot_iter=c.eot_iter, observe=lambda z, loss: self.observe(z, yi, loss, index=index))
                 higher = run_max > loss_max[idx]
-                keep = torch.where(_view(higher, x_max), x_max, x_adv[idx])
-                x_adv[idx] = torch.where(_view(fooled, x_fooled), x_fooled, keep)
+                keep = torch.where(per_sample(higher, x_max), x_max, x_adv[idx])
+                x_adv[idx] = torch.where(per_sample(fooled, x_fooled), x_fooled, keep)
                 loss_max[idx] = torch.maximum(run_max, loss_max[idx])
                 done[idx] = fooled
         return x_adv

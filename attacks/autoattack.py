@@ -48,7 +48,9 @@ class AutoAttack(Attack):
     - rand (randomized defenses): APGD-CE and APGD-DLR with EOT over 20 draws, 1 restart.
 
     APGD: 100 steps, ρ = 0.75; FAB: 100 steps, α_max = 0.1, η = 1.05, β = 0.9, restarts at 0.5·eps;
-    Square: p_init = 0.8, 1 restart.
+    Square: p_init = 0.8, 1 restart, and the schedule of p not rescaled to the budget (the official
+    code builds `SquareAttack(..., resc_schedule=False)`: with 5,000 queries p halves on the
+    10,000-query schedule's iterations and ends at p_init/128).
 
     The cascade: each component attacks only the samples every earlier one left robust
     (clean-misclassified ones are never attacked), and its point replaces x only where it is
@@ -64,6 +66,8 @@ class AutoAttack(Attack):
     Where the official code re-seeds the RNG before each component, ours draw from the global RNG
     in turn (the evaluation seeds it). The official package gets a seed drawn from that RNG.
     """
+
+    revision = 2  # 2: Square without the rescaled p schedule, as the official AutoAttack
 
     @dataclass(frozen=True)
     class Config:
@@ -108,7 +112,8 @@ class AutoAttack(Attack):
             "apgd-t": ("apgd_t", dict(apgd, restarts=1, n_target_classes=targets)),
             "fab": ("fab", dict(fab, restarts=restarts, targeted=False)),
             "fab-t": ("fab", dict(fab, restarts=1, targeted=True)),
-            "square": ("square", dict(ball, queries=c.square_queries, p_init=0.8, restarts=1)),
+            "square": ("square", dict(ball, queries=c.square_queries, p_init=0.8, restarts=1,
+                                      rescale_schedule=False)),
         }
         run, skipped = {}, []
         for label in VERSIONS[c.version]:
@@ -140,8 +145,7 @@ class AutoAttack(Attack):
             return self._official(model, x, y, logits.shape[1], plan)
         robust = logits.argmax(1) == y
         x_adv = x.clone()
-        counts = self.stats.setdefault("robust_after", {})
-        counts["clean"] = counts.get("clean", 0) + int(robust.sum())
+        self.accumulate("robust_after", clean=int(robust.sum()))
         for label, attack in self.components(logits.shape[1]):
             idx = robust.nonzero().squeeze(1)
             if idx.numel():
@@ -157,7 +161,7 @@ class AutoAttack(Attack):
                 fooled &= perturbation_norms(xa, xs, self.config.norm) <= self.config.eps + BALL_TOLERANCE
                 x_adv[idx[fooled]] = xa[fooled].detach()
                 robust[idx[fooled]] = False
-            counts[label] = counts.get(label, 0) + int(robust.sum())
+            self.accumulate("robust_after", **{label: int(robust.sum())})
         return x_adv
 
     def _official(self, model, x, y, num_classes: int, plan: dict) -> torch.Tensor:

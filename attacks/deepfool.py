@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from attacks.pgd import other_classes, per_sample
 from bench.attack import Attack, register_attack
 from bench.errors import BenchError
 
@@ -62,8 +62,7 @@ class DeepFool(Attack):
             ya = y[active]
             self.observe_in_ball(logits, ya, xa.detach(), x[active], active)
             if others is None:
-                masked = logits.detach().masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
-                others = masked.topk(min(c.candidates, logits.shape[1]) - 1, dim=1).indices
+                others = other_classes(logits.detach(), y, min(c.candidates, logits.shape[1]) - 1)
             fooled = logits.argmax(1) != ya
             x_adv[active[fooled]] = xa.detach()[fooled]
             keep = ~fooled
@@ -83,9 +82,9 @@ class DeepFool(Attack):
         pert = torch.where(dual > 0, f.abs() / dual, torch.full_like(dual, float("inf")))
         pert, l = pert.min(1)
         rows = torch.arange(len(w), device=w.device)
-        w_l, shape = w[rows, l], (-1,) + (1,) * (w.dim() - 2)
-        length = torch.where(pert.isfinite(), pert + STEP_MARGIN, torch.zeros_like(pert)).view(shape)
+        w_l = w[rows, l]
+        length = per_sample(torch.where(pert.isfinite(), pert + STEP_MARGIN, torch.zeros_like(pert)), w_l)
         if self.config.norm == "Linf":
             return length * w_l.sign()
-        l2 = flat[rows, l].norm(dim=1).view(shape)
+        l2 = per_sample(flat[rows, l].norm(dim=1), w_l)
         return length * w_l / torch.where(l2 > 0, l2, torch.ones_like(l2))

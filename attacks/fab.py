@@ -15,22 +15,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from attacks.apgd import apgd_start
+from attacks.pgd import per_sample
 from bench.attack import Attack, register_attack
 from bench.errors import BenchError
+from bench.threat import perturbation_norms
 
 DIST_EPS = 1e-12  # the official guard in |f_k| / ‖∇f_k‖ (distance to each linearized boundary)
 STEP_FLOOR = 1e-8  # the official floor on ‖d‖ in the bias α = ‖d₁‖ / (‖d₁‖ + ‖d₂‖)
 W_FLOOR = 1e-8  # the official L2 projection treats coordinates with |w_i| < 1e-8 as zero
-
-
-def _view(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.view(-1, *([1] * (x.dim() - 1)))
-
-
-def _norm(v: torch.Tensor, norm: str) -> torch.Tensor:
-    """Per-sample norm over all but the first dimension (sum of squares, then root, as the official code)."""
-    flat = v.flatten(1)
-    return flat.abs().amax(1) if norm == "Linf" else (flat ** 2).sum(1).sqrt()
 
 
 def _gather_sorted(values: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,8 +115,9 @@ class FAB(Attack):
     As the official `perturb`, `eps` is only used between runs: later restarts and targets run only
     on samples without an adversarial point within eps, and a restart (every run but the first of
     each target) starts at x + restart_scale·eps·t/‖t‖ with t ~ U[−1, 1]^D (Linf) or N(0, I) (L2),
-    clipped to [0, 1]. (The official radius is min(best norm so far, eps)·0.5; restarts only run
-    where the best is beyond eps, so it is eps·0.5.) The point returned is the closest of all runs.
+    clipped to [0, 1]: APGD's start (`apgd_start`) at that radius. (The official radius is min(best
+    norm so far, eps)·0.5; restarts only run where the best is beyond eps, so it is eps·0.5.) The
+    point returned is the closest of all runs.
 
     Costs per step and attacked sample: one forward pass and K backward passes for the gradients of
     the differences f_k − f_y (K = C − 1 untargeted, one fewer than the official code's C gradients
@@ -177,21 +171,13 @@ class FAB(Attack):
                 if idx.numel() == 0:
                     return best
                 x0 = x[idx]
-                start = x0 if restart == 0 else self._random_start(x0)
+                start = x0 if restart == 0 else apgd_start(x0, c.norm, c.restart_scale * c.eps)
                 adv, dist = self._run(model, x0, y[idx], classes[idx], start, idx)
                 closer = dist < best_norm[idx]
-                best[idx] = torch.where(_view(closer, adv), adv, best[idx])
+                best[idx] = torch.where(per_sample(closer, adv), adv, best[idx])
                 best_norm[idx] = torch.minimum(dist, best_norm[idx])
                 todo[idx] = dist > c.eps
         return best
-
-    def _random_start(self, x0: torch.Tensor) -> torch.Tensor:
-        c = self.config
-        if c.norm == "Linf":
-            t = 2 * torch.rand(x0.shape, device=x0.device) - 1
-        else:
-            t = torch.randn(x0.shape, device=x0.device)
-        return (x0 + c.restart_scale * c.eps * t / _view(_norm(t, c.norm), t)).clamp(0, 1)
 
     def _linearize(self, model: nn.Module, x1: torch.Tensor, y: torch.Tensor, classes: torch.Tensor):
         """Logits at x1, the differences f_k − f_y for k in `classes` (n, K) and their input
@@ -226,16 +212,16 @@ class FAB(Attack):
                 w = dg[rows, k]
                 b = (w * x1.flatten(1)).sum(1) - df[rows, k]
                 d = project(torch.cat((x1.flatten(1), x0_flat)), torch.cat((w, w)), torch.cat((b, b)))
-                size = _norm(d, c.norm).clamp_min(STEP_FLOOR)
-                alpha = _view((size[:n] / (size[:n] + size[n:])).clamp(0, c.alpha_max), x0)
+                size = perturbation_norms(d, torch.zeros_like(d), c.norm).clamp_min(STEP_FLOOR)
+                alpha = per_sample((size[:n] / (size[:n] + size[n:])).clamp(0, c.alpha_max), x0)
                 d1, d2 = d[:n].view_as(x0), d[n:].view_as(x0)
                 x1 = ((x1 + c.eta * d1) * (1 - alpha) + (x0 + c.eta * d2) * alpha).clamp(0, 1)
                 logits = model(x1)
                 self.observe_in_ball(logits, y, x1, x0, index)
                 fooled = logits.argmax(1) != y
-                dist = _norm(x1 - x0, c.norm)
+                dist = perturbation_norms(x1, x0, c.norm)
                 closer = fooled & (dist < best_norm)
-                best = torch.where(_view(closer, x0), x1, best)
+                best = torch.where(per_sample(closer, x0), x1, best)
                 best_norm = torch.where(closer, dist, best_norm)
-                x1 = torch.where(_view(fooled, x0), x0 + (x1 - x0) * c.beta, x1)
+                x1 = torch.where(per_sample(fooled, x0), x0 + (x1 - x0) * c.beta, x1)
         return best, best_norm

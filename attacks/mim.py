@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attacks.pgd import ascent_step, ce_loss, input_gradient, project
+from attacks.pgd import ascent_step, ce_loss, input_gradient, per_sample, project
 from bench.attack import Attack, register_attack
 from bench.errors import BenchError
 
@@ -41,7 +41,7 @@ class MIM(Attack):
         for _ in range(c.steps):
             grad = input_gradient(model, x_adv, lambda logits: ce_loss(logits, y),
                                   lambda logits, losses: self.observe(logits, y, losses))
-            l1 = grad.abs().flatten(1).sum(1).view(-1, *([1] * (x.dim() - 1)))
+            l1 = per_sample(grad.abs().flatten(1).sum(1), grad)
             g = c.momentum * g + grad / torch.where(l1 > 0, l1, torch.ones_like(l1))
             x_adv = project(ascent_step(x_adv, g, c.norm, alpha), x, c.norm, c.eps).detach()
         return x_adv

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attacks.pgd import l2_norm
+from attacks.pgd import l2_norm, per_sample
 from bench.attack import Attack, register_attack
 from bench.errors import BenchError
 
@@ -20,7 +20,7 @@ def uniform_in_ball(x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
         delta = torch.empty_like(x).uniform_(-eps, eps)
     else:
         direction = torch.randn_like(x)
-        u = torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device, dtype=x.dtype)
+        u = per_sample(torch.rand(x.shape[0], device=x.device, dtype=x.dtype), x)
         delta = direction / l2_norm(direction) * eps * u ** (1.0 / x[0].numel())
     return (x + delta).clamp(0, 1)
 

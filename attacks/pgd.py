@@ -3,9 +3,10 @@ cross-entropy or the C&W margin loss (Carlini & Wagner 2017), random start and r
 
 The helpers here (losses, projection, random start, ascent step) are the building blocks
 of every gradient attack in this package and of the defenses' inner maximization.
-The update and projection follow torchattacks' PGD/PGDL2 exactly (sign step for Linf,
-L2-normalized step for L2, clip to the eps ball then to [0, 1]), so the two agree given
-the same start.
+The update and projection follow torchattacks' PGD/PGDL2 (sign step for Linf,
+L2-normalized step for L2, clip to the eps ball then to [0, 1]) up to the L2 rescaling in
+`ascent_step`, so the two agree given the same start (for L2, where no per-sample gradient
+is tiny enough for that rescaling to matter).
 """
 
 from __future__ import annotations
@@ -35,22 +36,37 @@ def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return other - true
 
 
+def other_classes(logits: torch.Tensor, y: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    """Per sample, the classes j ≠ y by decreasing logit (the first `k` of them; default all C − 1),
+    shape (N, k): the targets or candidates of attacks that rank the wrong classes."""
+    masked = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+    return masked.topk(logits.shape[1] - 1 if k is None else k, dim=1).indices
+
+
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"ce": ce_loss, "cw": margin_loss}
+
+
+def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-sample vector v (N,) viewed as (N, 1, 1, ...), to broadcast against `like` (N, ...)."""
+    return v.view(-1, *([1] * (like.dim() - 1)))
 
 
 def l2_norm(v: torch.Tensor) -> torch.Tensor:
     """Per-sample L2 norm, shaped to broadcast against NCHW."""
-    return v.flatten(1).norm(p=2, dim=1).view(-1, *([1] * (v.dim() - 1)))
+    return per_sample(v.flatten(1).norm(p=2, dim=1), v)
+
+
+def clip_to_ball(delta: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
+    """Project a perturbation onto the eps ball (not onto the [0, 1] box): clamp (Linf) or
+    rescale to length eps when longer (L2)."""
+    if norm == "Linf":
+        return delta.clamp(-eps, eps)
+    return delta * torch.clamp(eps / (l2_norm(delta) + DIV_EPS), max=1.0)
 
 
 def project(x_adv: torch.Tensor, x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
     """Project x_adv onto the eps ball around x, then onto [0, 1]."""
-    delta = x_adv - x
-    if norm == "Linf":
-        delta = delta.clamp(-eps, eps)
-    else:
-        delta = delta * torch.clamp(eps / (l2_norm(delta) + DIV_EPS), max=1.0)
-    return (x + delta).clamp(0, 1)
+    return (x + clip_to_ball(x_adv - x, norm, eps)).clamp(0, 1)
 
 
 def random_start(x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
@@ -60,9 +76,15 @@ def random_start(x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
         delta = torch.empty_like(x).uniform_(-eps, eps)
     else:
         delta = torch.empty_like(x).normal_()
-        r = torch.zeros(x.shape[0], *([1] * (x.dim() - 1)), device=x.device).uniform_(0, 1)
+        r = per_sample(torch.zeros(x.shape[0], device=x.device).uniform_(0, 1), x)
         delta = delta / l2_norm(delta) * r * eps
     return (x + delta).clamp(0, 1)
+
+
+def gaussian_start(x: torch.Tensor, std: float) -> torch.Tensor:
+    """x + std·N(0, I), clipped to [0, 1]: the start of TRADES' inner maximization (std 0.001)
+    and of the methods built on it. Uses the global RNG."""
+    return (x + std * torch.randn_like(x)).clamp(0, 1)
 
 
 def ascent_step(x_adv: torch.Tensor, grad: torch.Tensor, norm: str, step_size: float) -> torch.Tensor:
@@ -71,7 +93,7 @@ def ascent_step(x_adv: torch.Tensor, grad: torch.Tensor, norm: str, step_size: f
     give a full-length step instead of vanishing next to DIV_EPS."""
     if norm == "Linf":
         return x_adv + step_size * grad.sign()
-    scale = grad.flatten(1).abs().amax(1).view(-1, *([1] * (grad.dim() - 1)))
+    scale = per_sample(grad.flatten(1).abs().amax(1), grad)
     grad = grad / torch.where(scale > 0, scale, torch.ones_like(scale))
     return x_adv + step_size * grad / (l2_norm(grad) + DIV_EPS)
 
@@ -106,6 +128,32 @@ def pgd(model: nn.Module, x: torch.Tensor, loss_fn: Callable[[torch.Tensor], tor
     return x_adv
 
 
+StopRule = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def pgd_with_stopping(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                      loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], going: StopRule, *,
+                      eps: float, norm: str, steps: int, step_size: float, x_init: torch.Tensor) -> torch.Tensor:
+    """PGD with per-sample early stopping: before each of the `steps` steps every running sample
+    is checked at its current iterate, `going(logits, grad, x_adv, x, y) -> bool mask` (logits and
+    `loss(logits, y)`'s input gradient there, from the one forward and backward the step needs);
+    the samples that pass take the step, the others stop for good at that iterate and are no
+    longer forwarded. So a sample costs one forward and backward per check, at most `steps`.
+    Returns the iterates (a new tensor; `x_init` is not modified)."""
+    x, x_adv = x.detach(), x_init.detach().clone()
+    active = torch.arange(len(x), device=x.device)
+    for _ in range(steps):
+        x_k, x_0, y_k, seen = x_adv[active], x[active], y[active], []
+        grad = input_gradient(model, x_k, lambda logits: loss(logits, y_k),
+                              lambda logits, _: seen.append(logits.detach()))
+        keep = going(seen[0], grad, x_k, x_0, y_k)
+        active = active[keep]
+        if len(active) == 0:
+            break
+        x_adv[active] = project(ascent_step(x_k[keep], grad[keep], norm, step_size), x_0[keep], norm, eps)
+    return x_adv
+
+
 def default_step_size(eps: float, steps: int) -> float:
     """2.5·eps/steps: lets an iterate cross the ball and come back (Madry et al. 2018,
     the rule of their `robustness` library)."""
@@ -135,11 +183,12 @@ class PGD(Attack):
         super().__init__(**params)
         c = self.config
         if c.loss not in LOSSES:
-            raise BenchError(f"unknown loss {c.loss!r} for attack 'pgd'; accepted: {', '.join(LOSSES)}")
+            raise BenchError(f"unknown loss {c.loss!r} for attack {self.name!r}; accepted: {', '.join(LOSSES)}")
         if c.steps < 1 or c.restarts < 1:
-            raise BenchError(f"attack 'pgd' needs steps >= 1 and restarts >= 1, got steps={c.steps}, restarts={c.restarts}")
+            raise BenchError(f"attack {self.name!r} needs steps >= 1 and restarts >= 1, got steps={c.steps}, "
+                             f"restarts={c.restarts}")
         if c.step_size is not None and not c.step_size > 0:
-            raise BenchError(f"attack 'pgd' needs step_size > 0, got {c.step_size}")
+            raise BenchError(f"attack {self.name!r} needs step_size > 0, got {c.step_size}")
 
     @property
     def step_size(self) -> float:

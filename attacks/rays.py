@@ -10,6 +10,7 @@ import torch
 
 from bench.attack import Attack, register_attack
 from bench.errors import BenchError
+from bench.threat import perturbation_norms
 
 BINARY_TOL = 1e-3  # the official code's bisection tolerance, on the L2 length r·√d of the ray's step
 
@@ -117,20 +118,17 @@ class RayS(Attack):
             better = (done & (hi < best_r)).nonzero().squeeze(1)
             best_r[better], signs[better] = hi[better], trial[better]
             x_best[better] = (flat[better] + hi[better, None] * trial[better]).clamp(0, 1).view(-1, *x.shape[1:])
-            best_dist[better] = (x_best[better] - x[better]).flatten(1).abs().amax(1)
+            best_dist[better] = perturbation_norms(x_best[better], x[better], "Linf")
             bisecting &= ~done
         self._record(best_dist, used)
         return x_best
 
     def _record(self, best_dist: torch.Tensor, used: torch.Tensor) -> None:
         """Accumulate the batch's boundary distances and queries into `stats`."""
-        s = self.stats
         found = best_dist < float("inf")
-        s["samples"] = s.get("samples", 0) + len(used)
-        s["found"] = s.get("found", 0) + int(found.sum())
-        s["queries"] = s.get("queries", 0) + int(used.sum())
+        s = self.accumulate(samples=len(used), found=int(found.sum()), queries=int(used.sum()))
         s["mean_queries"] = s["queries"] / s["samples"]
         if not self.config.early_stop:
-            s["distance_sum"] = s.get("distance_sum", 0.0) + float(best_dist[found].sum())
+            self.accumulate(distance_sum=float(best_dist[found].sum()))
             if s["found"]:
                 s["adbd"] = s["distance_sum"] / s["found"]

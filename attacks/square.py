@@ -18,7 +18,7 @@ from functools import lru_cache
 import torch
 import torch.nn as nn
 
-from attacks.pgd import margin_loss
+from attacks.pgd import margin_loss, per_sample
 from bench.attack import Attack, register_attack
 from bench.errors import BenchError
 
@@ -26,11 +26,14 @@ NORM_EPS = 1e-12  # the official guard when normalizing a perturbation
 HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)  # p halves after these of 10,000 iterations
 
 
-def p_schedule(p_init: float, it: int, queries: int) -> float:
-    """The fraction of pixels a square covers at iteration `it`: p_init halved at iterations 10, 50,
-    200, 500, 1k, 2k, 4k, 6k, 8k (the paper's schedule for 10,000 queries), rescaled to the budget as
-    the official code does."""
-    return p_init / 2 ** bisect.bisect_left(HALVINGS, int(it / queries * 10000))
+def p_schedule(p_init: float, it: int, queries: int, rescale: bool = True) -> float:
+    """The fraction of pixels a square covers at iteration `it`: p_init halved after iterations 10,
+    50, 200, 500, 1k, 2k, 4k, 6k, 8k (the paper's schedule for 10,000 queries). With `rescale` (the
+    official `SquareAttack`'s default, `resc_schedule=True`) the iteration is first mapped onto
+    10,000, so that a budget of `queries` runs through the whole schedule; without it (as AutoAttack
+    builds Square) the schedule is read at the iteration itself, so 5,000 queries stop at p_init/128.
+    The official `p_selection`."""
+    return p_init / 2 ** bisect.bisect_left(HALVINGS, int(it / queries * 10000) if rescale else it)
 
 
 def _randint(high: int) -> int:
@@ -73,7 +76,7 @@ def _random_bump(s: int, device: torch.device) -> torch.Tensor:
 
 
 def _l2(v: torch.Tensor) -> torch.Tensor:
-    return (v ** 2).flatten(1).sum(-1).sqrt().view(-1, 1, 1, 1)
+    return per_sample((v ** 2).flatten(1).sum(-1).sqrt(), v)
 
 
 def _unit_l2(v: torch.Tensor) -> torch.Tensor:
@@ -90,7 +93,9 @@ class Square(Attack):
     scaled to norm eps and each iteration moves the mass of a second window into a new ±bump on the
     first, keeping the norm at eps. An update is kept when it lowers the margin. The window side is
     s = round(√(p·h·w)) (Linf at least 1; L2 at least 3 and odd) with p from `p_schedule`.
-    Defaults as AutoAttack's standard version: 5,000 queries, p_init = 0.8, 1 restart.
+    Defaults: 5,000 queries, p_init = 0.8, 1 restart (as AutoAttack's standard version) and the
+    schedule of p rescaled to the budget (`rescale_schedule`, the official `SquareAttack` class's
+    default; AutoAttack turns it off, see `autoattack`).
 
     As the official `perturb`: samples the model already misclassifies are not attacked (returned
     as they are); each restart runs only on samples no earlier run fooled. A sample costs one query
@@ -110,6 +115,7 @@ class Square(Attack):
         queries: int = 5000
         p_init: float = 0.8
         restarts: int = 1
+        rescale_schedule: bool = True
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -135,17 +141,15 @@ class Square(Attack):
                     break
                 run_best, run_margin, used = self._run(model, x[idx], y[idx], idx)
                 better = run_margin < margin[idx]
-                x_best[idx] = torch.where(better.view(-1, 1, 1, 1), run_best, x_best[idx])
+                x_best[idx] = torch.where(per_sample(better, run_best), run_best, x_best[idx])
                 margin[idx] = torch.minimum(run_margin, margin[idx])
                 queries[idx] += used
         self._count(queries[attacked], margin[attacked] <= 0)
         return x_best
 
     def _count(self, queries: torch.Tensor, fooled: torch.Tensor) -> None:
-        s = self.stats
-        for key, value in (("samples", len(queries)), ("queries", int(queries.sum())),
-                           ("fooled", int(fooled.sum())), ("queries_fooled", int(queries[fooled].sum()))):
-            s[key] = s.get(key, 0) + value
+        s = self.accumulate(samples=len(queries), queries=int(queries.sum()), fooled=int(fooled.sum()),
+                            queries_fooled=int(queries[fooled].sum()))
         s["mean_queries"] = s["queries"] / s["samples"] if s["samples"] else None
         s["mean_queries_fooled"] = s["queries_fooled"] / s["fooled"] if s["fooled"] else None
 
@@ -169,12 +173,12 @@ class Square(Attack):
             todo = (margin > 0).nonzero().squeeze(1)
             if todo.numel() == 0:
                 break
-            p = p_schedule(c.p_init, it, c.queries)
+            p = p_schedule(c.p_init, it, c.queries, c.rescale_schedule)
             step = self._linf_step if c.norm == "Linf" else self._l2_step
             x_new = step(x[todo], x_best[todo], p)
             new_margin = self._margin(model, x_new, y[todo], index[todo])
             better = new_margin < margin[todo]
-            x_best[todo] = torch.where(better.view(-1, 1, 1, 1), x_new, x_best[todo])
+            x_best[todo] = torch.where(per_sample(better, x_new), x_new, x_best[todo])
             margin[todo] = torch.where(better, new_margin, margin[todo])
             queries[todo] += 1
         return x_best, margin, queries

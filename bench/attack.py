@@ -26,7 +26,9 @@ class Attack:
     have `norm` and `eps` fields), and `perturb`. The model is in eval mode when called.
 
     Class attributes the evaluation and the sanity checks read:
-    - `implementation`: whose code runs (ours, or a library with its version);
+    - `implementation`: whose code runs (ours, or a library with its version), and `revision`,
+      bumped whenever the attack's results change for the same config: both are part of every
+      evaluation's identity (`implementation_id`), so results of an older revision are recomputed;
     - `kind`: "gradient" (white-box), "score" (black-box, sees logits), "decision" (black-box,
       sees labels only), "transfer" (black-box, gradients of a surrogate), "noise" (no search);
     - `minimum_norm`: the attack looks for the smallest adversarial perturbation and returns it
@@ -46,6 +48,7 @@ class Attack:
 
     Config: ClassVar[type]
     implementation: ClassVar[str] = "atbench"
+    revision: ClassVar[int] = 1
     kind: ClassVar[str] = "gradient"
     minimum_norm: ClassVar[bool] = False
     norms: ClassVar[tuple[str, ...]] = NORMS
@@ -61,6 +64,10 @@ class Attack:
         check_eps(self.config.eps, self.config.norm)
         self._trace: list[TraceStep] | None = None
         self.stats: dict = {}
+
+    @property
+    def implementation_id(self) -> str:
+        return f"{self.implementation} r{self.revision}"
 
     @property
     def threat(self) -> ThreatModel:
@@ -86,6 +93,14 @@ class Attack:
     def attack_robust(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """The attack given the clean `logits` of x (AutoAttack passes those it already has)."""
         raise NotImplementedError
+
+    def accumulate(self, group: str | None = None, /, **counts) -> dict:
+        """Add `counts` to the running totals in `stats` (in the dict `stats[group]` when a group is
+        named), so that they sum over batches; returns the dict they were added to."""
+        totals = self.stats if group is None else self.stats.setdefault(group, {})
+        for key, value in counts.items():
+            totals[key] = totals.get(key, 0) + value
+        return totals
 
     # ------------------------------------------------------------------ optimization trace
 

@@ -102,7 +102,7 @@ def _steps_points(evaluator: Evaluator, settings: CurveSettings, samples: Sample
     if len(stored) == len(attacks):
         return stored
     results, diagnostics = _trajectory(evaluator, samples, attacks)
-    return {t: stored.get(t) or evaluator.save(f"pgd{t}@step", "pgd", a.params(), a.implementation, results[t],
+    return {t: stored.get(t) or evaluator.save(f"pgd{t}@step", "pgd", a.params(), a.implementation_id, results[t],
                                                samples, "curve", diagnostics[t], threat.norm, threat.eps)
             for t, a in attacks.items()}
 
@@ -115,14 +115,14 @@ def _restart_points(evaluator: Evaluator, settings: CurveSettings, samples: Samp
     if len(stored) == len(attacks):
         return stored
     results = _restarts(evaluator, samples, attacks)
-    return {r: stored.get(r) or evaluator.save(f"pgd×{r}", "pgd", a.params(), a.implementation, results[r], samples,
+    return {r: stored.get(r) or evaluator.save(f"pgd×{r}", "pgd", a.params(), a.implementation_id, results[r], samples,
                                                "curve", {"computed_with": f"one run of {max(attacks)} restarts"},
                                                threat.norm, threat.eps)
             for r, a in attacks.items()}
 
 
 def _stored(evaluator: Evaluator, attacks: dict[int, PGD], samples: SampleSet) -> dict[float, int]:
-    found = {k: evaluator.find("pgd", a.params(), a.implementation, samples) for k, a in attacks.items()}
+    found = {k: evaluator.find("pgd", a.params(), a.implementation_id, samples) for k, a in attacks.items()}
     return {k: row.evaluation_id for k, row in found.items() if evaluator.reusable(row)}
 
 

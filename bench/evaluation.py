@@ -241,7 +241,7 @@ class Evaluator:
         """The stored evaluation of `attack` on `samples`, or a new one. A stored curve point that
         is now asked for as an attack becomes one (it is a leaderboard column from then on)."""
         params = attack.params() if attack is not None else {}
-        impl = attack.implementation if attack is not None else "atbench"
+        impl = attack.implementation_id if attack is not None else "atbench"
         old = self.find(attack_name, params, impl, samples)
         if self.reusable(old):
             if role == "attack" and (old.role != "attack" or old.label != label):

@@ -70,7 +70,7 @@ def _pairs(norm: str, eps: float, num_classes: int) -> dict[str, tuple[dict, Cal
             ta.APGD(m, norm=norm, eps=eps, steps=100, loss="ce"),
             ta.APGDT(m, norm=norm, eps=eps, steps=100, n_classes=num_classes),
             ta.FAB(m, norm=norm, eps=eps, steps=100, multi_targeted=True, n_classes=num_classes),
-            ta.Square(m, norm=norm, eps=eps, n_queries=5000)])),
+            ta.Square(m, norm=norm, eps=eps, n_queries=5000, resc_schedule=False)])),  # as the official AA
     }
     if not linf:
         del pairs["mim"]  # torchattacks' MIFGSM is Linf only

@@ -191,7 +191,6 @@ def train(spec: RunSpec, data: Dataset, *, store: Store, checkpoint_root: str | 
         generator = torch.Generator(device=device).manual_seed(_epoch_seed(spec.seed, epoch))
         torch.manual_seed(_epoch_seed(spec.seed, epoch) + 1)
         order = torch.randperm(len(data.train_x), generator=generator, device=device)
-        model.train()
         start, loss_sum, seen = time.perf_counter(), 0.0, 0
         bar = tqdm(range(steps_per_epoch), desc=f"{spec.label or spec.defense} {epoch}/{cfg.epochs}",
                    leave=False, disable=None if progress else True)
@@ -203,6 +202,7 @@ def train(spec: RunSpec, data: Dataset, *, store: Store, checkpoint_root: str | 
                 ctx.step = (epoch - 1) * steps_per_epoch + i
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(cfg, ctx.step, total_steps)
+                model.train()
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                     loss = defense.training_step(model, x, y, ctx)
                 if not torch.isfinite(loss):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from attacks.pgd import ce_loss, pgd, random_start
-from bench.defense import Defense, register_defense
+from bench.defense import Defense, check_fields, register_defense
 from bench.models import eval_mode
 
 
@@ -34,6 +34,9 @@ class ALP(Defense):
         pairing_weight: float = 0.5  # λ
         steps: int = 10
         step_ratio: float = 0.125  # step size / ε (2/255 at 16/255)
+
+        def __post_init__(self):
+            check_fields(self, at_least_one=("steps",), positive=("step_ratio",), non_negative=("pairing_weight",))
 
     def training_step(self, model, x, y, ctx):
         c, eps, norm = self.config, ctx.threat.eps, ctx.threat.norm

@@ -35,7 +35,11 @@ class ATLAS(Defense):
     `ramp_epochs / paper_epochs` of the run's budget: ramp_epochs·ctx.epochs/paper_epochs epochs,
     exactly 15 at 30. The paper does not give the ramp's shape; ε grows linearly per optimization
     step from 0 at the first step, which at epoch starts is the linear per-epoch ramp and stays
-    smooth on short budgets. `ramp_epochs = 0` turns it off.
+    smooth on short budgets. This is the per-step (continuous) form of the mapping the per-epoch
+    schedules use (`bench.defense.paper_epoch`: run time proportional to paper time): step s of
+    S = ctx.epochs·ctx.steps_per_epoch stands for paper time s·paper_epochs/S, read at the step's
+    start rather than at an epoch's middle (half a step apart), so the first step trains at ε = 0
+    as the paper's ramp starts. `ramp_epochs = 0` turns it off.
     """
 
     @dataclass(frozen=True)
@@ -52,6 +56,8 @@ class ATLAS(Defense):
             if self.steps < 1 or self.projections < 1 or self.ramp_epochs < 0 or not self.paper_epochs > 0:
                 raise BenchError(f"atlas needs steps >= 1, projections >= 1, ramp_epochs >= 0 and paper_epochs > 0; "
                                  f"got {self.steps}, {self.projections}, {self.ramp_epochs}, {self.paper_epochs}")
+            if not self.step_ratio > 0:
+                raise BenchError(f"atlas needs step_ratio > 0, got {self.step_ratio}")
 
     def eps_scale(self, ctx) -> float:
         """ε/ε_final at this step: 0 at step 0, 1 after ramp_epochs·ctx.epochs/paper_epochs epochs."""

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from attacks.pgd import ce_loss, pgd, random_start
-from bench.defense import Defense, register_defense
-from bench.models import eval_mode
-from defenses.trades import kl_per_sample
+from bench.defense import Defense, check_fields, paper_epoch, register_defense
+from defenses.pgd_at import pgd_at_adversary
+from defenses.trades import INIT_STD, trades_adversary, trades_loss
 
 BASES = ("pgd_at", "trades")
-TRADES_INIT_STD = 0.001  # TRADES' start x + 0.001·N(0, I)
 DIV_EPS = 1e-20  # the authors' guard against a zero gradient norm
 
 
@@ -32,15 +29,18 @@ class AWP(Defense):
     linear matrices); biases and normalization parameters are not (the authors' `diff_in_weights`).
 
     Choices where the paper is silent or the code differs:
-    - Warm-up: AWP starts at epoch ⌈`start_fraction`·E⌉ of E (1-based), before it plain base training;
-      the default 10/200 is the TRADES-AWP code's `--awp-warmup 10` of 200 epochs (its γ is also
+    - Warm-up: plain base training while the run's epoch stands for a paper time before
+      `start_fraction` of training (`bench.defense.paper_epoch`: epoch e of E is active once
+      (e − ½)/E ≥ start_fraction), AWP from then on; the default 10/200 is the TRADES-AWP code's
+      `--awp-warmup 10` of 200 epochs, so at E = 200 epochs 1-10 warm up (its γ is also
       5e-3; the AT-AWP code's defaults are warm-up 0 and γ = 1e-2). A model still at chance may not
       leave it under AWP (small_cnn on digits at ε = 0.2 from scratch stays at 10% with AWP from epoch
       1, and trains with `start_fraction` = 0.3): short budgets may need a longer warm-up.
     - The authors compute g on a proxy copy of the model so that BatchNorm statistics are untouched;
       here g comes from the model itself (so the pass is counted) and its buffers are restored after.
-    - Modes as the bases' code: PGD-AT attacks in train mode; TRADES in eval mode; g and the loss
-      in train mode.
+    - x' and ρ are the bases' own (`pgd_at.pgd_at_adversary`; `trades.trades_adversary` with TRADES'
+      start x + 0.001·N(0, I), `trades.trades_loss`), so modes are as the bases' code: PGD-AT attacks
+      in train mode, TRADES in eval mode; g and the loss in train mode.
     """
 
     @dataclass(frozen=True)
@@ -55,6 +55,8 @@ class AWP(Defense):
         def __post_init__(self):
             if self.base not in BASES:
                 raise ValueError(f"base must be one of {', '.join(BASES)}, got {self.base!r}")
+            check_fields(self, at_least_one=("steps",), positive=("step_ratio",),
+                         non_negative=("gamma", "start_fraction", "beta"))
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -62,27 +64,20 @@ class AWP(Defense):
 
     def active(self, epoch: int, epochs: int) -> bool:
         """Whether the weights are perturbed in the 1-based `epoch` of `epochs`."""
-        return epoch >= math.ceil(self.config.start_fraction * epochs)
+        return paper_epoch(epoch, epochs, 1.0) >= self.config.start_fraction
 
     def adversarial_example(self, model, x, y, ctx) -> torch.Tensor:
         c, eps, norm = self.config, ctx.threat.eps, ctx.threat.norm
         if c.base == "pgd_at":
-            return pgd(model, x, lambda logits: ce_loss(logits, y), eps=eps, norm=norm, steps=c.steps,
-                       step_size=c.step_ratio * eps, x_init=random_start(x, norm, eps))
-        with eval_mode(model):
-            with torch.no_grad():
-                p_log = F.log_softmax(model(x), dim=1)
-            start = (x + TRADES_INIT_STD * torch.randn_like(x)).clamp(0, 1)
-            return pgd(model, x, lambda logits: kl_per_sample(p_log, logits), eps=eps, norm=norm,
-                       steps=c.steps, step_size=c.step_ratio * eps, x_init=start)
+            return pgd_at_adversary(model, x, y, eps=eps, norm=norm, steps=c.steps, step_size=c.step_ratio * eps)
+        return trades_adversary(model, x, eps=eps, norm=norm, steps=c.steps, step_size=c.step_ratio * eps,
+                                init_std=INIT_STD)
 
     def objective(self, model, x, x_adv, y) -> torch.Tensor:
         """ρ: the base method's outer loss."""
         if self.config.base == "pgd_at":
             return F.cross_entropy(model(x_adv), y)
-        logits = model(x)
-        return F.cross_entropy(logits, y) + self.config.beta * kl_per_sample(F.log_softmax(logits, dim=1),
-                                                                             model(x_adv)).mean()
+        return trades_loss(model, x, x_adv, y, self.config.beta)
 
     def weight_perturbation(self, model, x, x_adv, y) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(w_l, v_l) for every weight tensor; the model's buffers are left as they were."""

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from attacks.pgd import ce_loss, pgd, random_start
-from bench.defense import Defense, register_defense
+from bench.defense import Defense, check_fields, register_defense
 
 
 @register_defense("cat")
@@ -28,9 +28,13 @@ class CAT(Defense):
     - The authors move to lesson l + 1 when the validation accuracy under PGD-l stops improving (their
       code: 10 epochs' patience, then back to the lesson's best model; without validation, once the
       training accuracy exceeds 95%). The trainer does not show defenses the validation split, and a
-      plateau rule need not finish the curriculum within a benchmark's budget. Here the E epochs are
-      split into K + 1 equal lessons: epoch e (1-based) trains at l = min(K, ⌊(e − 1)(K + 1)/E⌋), so
-      every run reaches full strength (a 1-epoch run is all clean).
+      plateau rule need not finish the curriculum within a benchmark's budget. Here the lesson is a
+      function of the epoch (lessons are not paper epochs, so `bench.defense.paper_epoch` does not
+      apply): epoch e (1-based) of E trains at l = round((e − 1)·K/(E − 1)), rounded half up, and a
+      1-epoch run at l = K. So l never decreases, epoch 1 is clean (E ≥ 2) and the last epoch always
+      trains at full strength K; the inner lessons get about (E − 1)/K epochs each, the first and the
+      last about half that (K = 7, E = 120: 9 clean epochs, 17 per inner lesson, 9 at K), and when
+      E < K + 1 some lessons are skipped (E = 2: clean, then K).
     - Quantization (the paper's remedy for generalization to stronger attacks) is an input
       transformation of the model, not part of training: not included.
     """
@@ -41,10 +45,15 @@ class CAT(Defense):
         step_budget: float = 2.0  # i steps of PGD-i span step_budget·ε·u
         step_spread: float = 10.0  # u ~ U(1, step_spread / i)
 
+        def __post_init__(self):
+            check_fields(self, at_least_one=("max_steps",), positive=("step_budget", "step_spread"))
+
     def strength(self, epoch: int, epochs: int) -> int:
         """The lesson l of the 1-based `epoch` of `epochs`."""
         k = self.config.max_steps
-        return min(k, (epoch - 1) * (k + 1) // epochs)
+        if epochs == 1:
+            return k
+        return ((epoch - 1) * 2 * k + epochs - 1) // (2 * (epochs - 1))  # round((e − 1)·K/(E − 1)), half up
 
     def training_step(self, model, x, y, ctx):
         c, eps, norm = self.config, ctx.threat.eps, ctx.threat.norm

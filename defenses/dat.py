@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from attacks.pgd import ascent_step, ce_loss, input_gradient, project, random_start
-from bench.defense import Defense, register_defense
+from attacks.pgd import ce_loss, pgd_with_stopping, random_start
+from bench.defense import Defense, check_fields, paper_epoch, register_defense
 from bench.models import eval_mode
 
 
@@ -29,9 +29,11 @@ class DAT(Defense):
     epochs on converged, adversarial examples. Loss: CE at the final iterates.
 
     Defaults (Sec. 5 and the authors' CIFAR-10 code): c_max = 0.5, T' = 100 of T = 120 epochs,
-    at most K = 10 steps of ε/4 (2/255 at ε = 8/255). Under a budget of E epochs T' = `control_fraction`·E
-    (the code's 100/120 by default). c_max is on the scale of ε·‖∇ₓCE‖₁ on CIFAR-10 at 8/255: retune it
-    for other datasets or eps.
+    at most K = 10 steps of ε/4 (2/255 at ε = 8/255). Under a budget of E epochs, epoch e (1-based)
+    takes c = max(c_max·(1 − f/`control_fraction`), 0) at the fraction of training f = (e − ½)/E it
+    stands for (`bench.defense.paper_epoch`), the control fraction T'/T being the code's 100/120 by
+    default: c starts just under c_max and reaches 0 in the epoch whose middle passes T'. c_max is
+    on the scale of ε·‖∇ₓCE‖₁ on CIFAR-10 at 8/255: retune it for other datasets or eps.
 
     Choices where the paper and code differ or are silent:
     - The FOSC ball is centred on the natural x (the paper's definition); the code measures
@@ -52,27 +54,20 @@ class DAT(Defense):
         step_ratio: float = 0.25  # step size / ε
 
         def __post_init__(self):
-            if not self.control_fraction > 0:
-                raise ValueError(f"control_fraction must be > 0, got {self.control_fraction}")
+            check_fields(self, at_least_one=("steps",), positive=("control_fraction", "step_ratio"),
+                         non_negative=("c_max",))
 
     def threshold(self, epoch: int, epochs: int) -> float:
         """c_t for the 1-based `epoch` of `epochs`."""
         c = self.config
-        return max(c.c_max * (1 - (epoch - 1) / (c.control_fraction * epochs)), 0.0)
+        return max(c.c_max * (1 - paper_epoch(epoch, epochs, 1.0) / c.control_fraction), 0.0)
 
     def training_step(self, model, x, y, ctx):
         c, eps, norm = self.config, ctx.threat.eps, ctx.threat.norm
         threshold = self.threshold(ctx.epoch, ctx.epochs)
         with eval_mode(model):
-            x_adv = random_start(x, norm, eps)
-            active = torch.arange(len(x), device=x.device)
-            for _ in range(c.steps):
-                x_k, x_0, y_k = x_adv[active], x[active], y[active]
-                grad = input_gradient(model, x_k, lambda logits: ce_loss(logits, y_k))
-                going = fosc(grad, x_k, x_0, norm, eps) > threshold
-                active = active[going]
-                if len(active) == 0:
-                    break
-                x_adv[active] = project(ascent_step(x_k[going], grad[going], norm, c.step_ratio * eps),
-                                        x_0[going], norm, eps)
+            x_adv = pgd_with_stopping(model, x, y, ce_loss,
+                                      lambda logits, grad, x_k, x_0, y_k: fosc(grad, x_k, x_0, norm, eps) > threshold,
+                                      eps=eps, norm=norm, steps=c.steps, step_size=c.step_ratio * eps,
+                                      x_init=random_start(x, norm, eps))
         return F.cross_entropy(model(x_adv), y)

@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from attacks.pgd import ascent_step, ce_loss, input_gradient, project
-from bench.defense import Defense, register_defense
-from bench.errors import BenchError
+from bench.defense import Defense, check_fields, register_defense
 from bench.models import MODELS
 
 SAME = "same"  # a static model with the run's own architecture (and its model parameters)
@@ -34,7 +33,8 @@ class EAT(Defense):
     - Static models: the paper uses differently-architected ImageNet models (Inception v3,
       Inception-ResNet v2, ResNet v2) and, on MNIST, other CNN types. Here `static_models` names their
       architectures, "same" being the run's own; each is a `natural` run on the same data and
-      training budget (`ctx.pretrained`), static model i with seed = run seed + 1 + i, so the default
+      training config (`ctx.pretrained`; `static_epochs` sets its epochs, by default the run's),
+      static model i with seed = run seed + 1 + i, so the default
       ("same", "same") works on every dataset and gives two independently trained models: three
       sources, as the paper's Ens3 models. Any registered model name (e.g. "mlp") adds architectural
       diversity.
@@ -46,19 +46,21 @@ class EAT(Defense):
     class Config:
         static_models: tuple[str, ...] = (SAME, SAME)
         clean_weight: float = 0.5
+        static_epochs: int | None = None  # the static models' training epochs; None: the run's
 
-    def __init__(self, **params):
-        super().__init__(**params)
-        if not self.config.static_models:
-            raise BenchError("defense 'eat' needs at least one static model (static_models)")
-        for name in self.config.static_models:
-            if name != SAME:
-                MODELS.get(name)
+        def __post_init__(self):
+            if not self.static_models:
+                raise ValueError("at least one static model is needed (static_models)")
+            for name in self.static_models:
+                if name != SAME:
+                    MODELS.get(name)  # BenchError with "did you mean" for an unknown architecture
+            check_fields(self, at_least_one=("static_epochs",))
 
     def setup(self, model, ctx):
-        seed = ctx.pretrained.seed
-        self.static = [ctx.pretrained("natural", seed=seed + 1 + i, **({} if name == SAME else {"model": name}))
-                       for i, name in enumerate(self.config.static_models)]
+        seed, c = ctx.pretrained.seed, self.config
+        train = {"train": {"epochs": c.static_epochs}} if c.static_epochs is not None else {}
+        self.static = [ctx.pretrained("natural", seed=seed + 1 + i, **({} if name == SAME else {"model": name}),
+                                      **train) for i, name in enumerate(c.static_models)]
 
     def training_step(self, model, x, y, ctx):
         eps, norm, w = ctx.threat.eps, ctx.threat.norm, self.config.clean_weight

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from attacks.pgd import ce_loss, pgd, random_start
-from bench.defense import Defense, register_defense
+from bench.defense import Defense, check_fields, register_defense
 
 
 @register_defense("fast_at")
@@ -21,6 +21,9 @@ class FastAT(Defense):
     @dataclass(frozen=True)
     class Config:
         step_ratio: float = 1.25  # α / ε (Wong et al. 2020, Sec. 4: α = 1.25ε)
+
+        def __post_init__(self):
+            check_fields(self, positive=("step_ratio",))
 
     def training_step(self, model, x, y, ctx):
         eps, norm = ctx.threat.eps, ctx.threat.norm

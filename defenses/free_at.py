@@ -7,16 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from attacks.pgd import DIV_EPS, ascent_step, l2_norm
-from bench.defense import Defense, register_defense
-from bench.errors import BenchError
-
-
-def ball(delta: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
-    """Project a perturbation onto the eps ball (not onto the [0, 1] box)."""
-    if norm == "Linf":
-        return delta.clamp(-eps, eps)
-    return delta * torch.clamp(eps / (l2_norm(delta) + DIV_EPS), max=1.0)
+from attacks.pgd import ascent_step, clip_to_ball
+from bench.defense import Defense, check_fields, register_defense
 
 
 @register_defense("free_at")
@@ -49,8 +41,7 @@ class FreeAT(Defense):
         step_ratio: float = 1.0  # δ step / ε
 
         def __post_init__(self):
-            if self.replays < 1:
-                raise BenchError(f"free_at needs replays >= 1, got {self.replays}")
+            check_fields(self, at_least_one=("replays",), positive=("step_ratio",))
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -83,7 +74,8 @@ class FreeAT(Defense):
     @torch.no_grad()
     def _ascend(self, delta: torch.Tensor, ctx) -> None:
         eps, norm = ctx.threat.eps, ctx.threat.norm
-        self.delta[:len(delta)] = ball(ascent_step(delta, delta.grad, norm, self.config.step_ratio * eps), norm, eps)
+        step = ascent_step(delta, delta.grad, norm, self.config.step_ratio * eps)
+        self.delta[:len(delta)] = clip_to_ball(step, norm, eps)
 
     def state_dict(self) -> dict:
         return {} if self.delta is None else {"delta": self.delta}

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from attacks.pgd import ce_loss, pgd, random_start
-from bench.defense import Defense, register_defense
+from bench.defense import Defense, check_fields, paper_epoch, register_defense
 from bench.models import eval_mode
 
 
@@ -28,8 +27,9 @@ class GAIRAT(Defense):
 
     Defaults (Sec. 4 and the authors' CIFAR-10 WRN code): K = 10 steps of 0.007 at ε = 0.031
     (`step_ratio` = 0.007/0.031), λ = −1 ("fixed" λ schedule), burn-in: plain PGD-AT (uniform ω, the
-    code's λ = +∞) until epoch 60 of 120, reweighting from then on. Under a budget of E epochs
-    reweighting starts at epoch ⌈`begin_fraction`·E⌉ (1-based; 60 of 120 by default).
+    code's λ = +∞) for 60 of 120 epochs, reweighting from then on. Under a budget of E epochs the
+    1-based epoch e reweights once the paper time it stands for passes `begin_fraction` of training,
+    (e − ½)/E ≥ begin_fraction (`bench.defense.paper_epoch`): at 120 epochs from epoch 61.
     The code's other λ schedules ("linear", "piecewise") are not its defaults and are not included.
     """
 
@@ -40,9 +40,12 @@ class GAIRAT(Defense):
         lam: float = -1.0  # λ
         begin_fraction: float = 60 / 120
 
+        def __post_init__(self):
+            check_fields(self, at_least_one=("steps",), positive=("step_ratio",), non_negative=("begin_fraction",))
+
     def reweighting(self, epoch: int, epochs: int) -> bool:
         """Whether the 1-based `epoch` of `epochs` is past the burn-in."""
-        return epoch >= math.ceil(self.config.begin_fraction * epochs)
+        return paper_epoch(epoch, epochs, 1.0) >= self.config.begin_fraction
 
     def training_step(self, model, x, y, ctx):
         c, eps, norm = self.config, ctx.threat.eps, ctx.threat.norm

@@ -10,24 +10,29 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from attacks.pgd import ascent_step, ce_loss, input_gradient, project, random_start
-from bench.defense import Defense, register_defense
+from bench.defense import Defense, check_fields, register_defense
 from bench.models import eval_mode
 from defenses.sat_schedule import check_schedule, curriculum_lambda
 
 
-def hessian_upper_bound(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, alpha_ratio: float,
-                        chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample σ̄ ≈ upper bound of the top eigenvalue of ∇²_θ CE(f(x), y) (Sec. 5, Eq. (20)),
-    and ∇ₓ of the summed CE (the PGD direction), by chunks of `chunk` samples.
+def curvature_score(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, alpha_ratio: float,
+                    chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample score σ_i that H-SAT ranks by (its ψ_H, from Sec. 5, Eq. (20)), and ∇ₓ of the
+    summed CE (the PGD direction), by chunks of `chunk` samples.
 
     For a chunk, ∇ = ∇_θ of its mean CE stands in for each sample's gradient (App. C.2),
     ĝ = ∇/‖∇‖, α = alpha_ratio·‖∇‖ (App. C.1), so θ + αĝ = θ + alpha_ratio·∇, and
-        σ̄_i = 2·[ℓ_i(θ + αĝ) + α‖∇‖ − ℓ_i(θ)] / α².
+        σ_i = 2·[ℓ_i(θ + αĝ) − ℓ_i(θ)] / α² = 2·∇ℓ_iᵀĝ/α + ĝᵀH_iĝ + O(α),
+    H_i = ∇²_θ ℓ_i. The second term is the curvature of sample i's loss along the unit direction ĝ,
+    a Rayleigh quotient: at most the top eigenvalue of H_i, not an upper bound of it. The first is
+    the sample's first-order alignment with ĝ; with a per-sample gradient (chunk = 1) it is the same
+    2/alpha_ratio for every sample and the ranking is by ĝᵀH_iĝ, but with chunk gradients it varies
+    from sample to sample on the scale of 2/alpha_ratio (200 by default) and dominates the ranking.
     Passes: one forward and one backward (to x and θ together), then one forward without grad at
     θ + αĝ. Runs in the parameters' precision even under autocast (a finite difference of losses
     in bfloat16 is noise). The parameters' .grad is left untouched."""
     params = dict(model.named_parameters())
-    bounds, grads = [], []
+    scores, grads = [], []
     for xc, yc in zip(x.split(chunk), y.split(chunk)):
         xc = xc.detach().requires_grad_(True)
         with torch.autocast(x.device.type, enabled=False):
@@ -40,9 +45,9 @@ def hessian_upper_bound(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, a
                 shifted = {name: p + alpha_ratio * g for (name, p), g in zip(params.items(), gp)}
                 rise = ce_loss(functional_call(model, shifted, (xc,)), yc) - losses.detach()
         alpha2 = (alpha_ratio ** 2 * norm2).clamp_min(torch.finfo(rise.dtype).tiny)
-        bounds.append(2 * rise / alpha2 + 2 / alpha_ratio)
+        scores.append(2 * rise / alpha2)
         grads.append(gx)
-    return torch.cat(bounds), torch.cat(grads)
+    return torch.cat(scores), torch.cat(grads)
 
 
 @register_defense("h_sat")
@@ -51,16 +56,17 @@ class HSAT(Defense):
     of the loss Hessian w.r.t. θ (Eq. (10), (11)), by "subset updates" (Table 4, App. B.3): λ is a
     fraction, and each PGD step moves only the round(λ·B) samples of the batch with the smallest
     estimated ψ_H at their current iterates (re-ranked every step); the others keep theirs for that
-    step. Then CE(f(x'), y) in train mode. λ = 1 is PGD-AT (the estimate is then skipped); λ = 0
-    moves nothing and trains on the random starts ("equivalent to normal training", App. B.3).
+    step. Then CE(f(x'), y) in train mode. λ = 1 is PGD-AT's loss with the adversary in eval mode
+    (`pgd_at` attacks in train mode; the estimate is then skipped); λ = 0 moves nothing and trains
+    on the random starts ("equivalent to normal training", App. B.3).
 
-    ψ_H is `hessian_upper_bound`, Eq. (20), the bound App. C.2 ranks by, with per-sample gradients
-    replaced by those of chunks of `hessian_batch` = 32 samples (App. C.2) and α = 1% of the
-    gradient norm (App. C.1). Eq. (20) as printed, (1/α){ℓ(θ+αg) + α‖∇ℓ‖} − ℓ(θ), does not follow
-    from the Taylor expansion it is derived from (Eq. (16)/(42)-(46)): with ζ = αg that expansion
-    gives ½α²·gᵀHg = ℓ(θ+αg) − ℓ(θ) − α‖∇ℓ‖, so we scale the bound by 2/α² and keep ℓ(θ) inside
-    the braces. With per-sample gradients it is then gᵀHg + 4/alpha_ratio (tested); with chunk
-    gradients it also carries each sample's first-order alignment with its chunk's gradient.
+    ψ_H is estimated by `curvature_score`: the finite difference of Eq. (20) that App. C.2 ranks by,
+    with per-sample gradients replaced by those of chunks of `hessian_batch` = 32 samples (App. C.2)
+    and α = 1% of the gradient norm (App. C.1). It is a curvature along one direction (at most the
+    top eigenvalue, not a bound on it) plus, with chunk gradients, each sample's first-order
+    alignment with its chunk's gradient, which dominates it; see `curvature_score`. Eq. (20)'s
+    α‖∇ℓ‖ term is the same for every sample (α is proportional to ‖∇ℓ‖) and is left out: it
+    cannot change the ranking.
     Passes per sample and PGD step while λ < 1: two forwards, one backward (PGD-AT: one and one).
 
     Defaults (CIFAR-10, App. A): PGD-10 with step 2/255 at ε = 8/255 (step_ratio = step/ε), uniform
@@ -86,6 +92,7 @@ class HSAT(Defense):
 
         def __post_init__(self):
             check_schedule(self)
+            check_fields(self, at_least_one=("steps",), positive=("step_ratio",))
             if not all(0 <= v <= 1 for v in self.schedule_values):
                 raise ValueError(f"H-SAT's λ is a fraction of the batch: schedule_values must be in [0, 1], "
                                  f"got {list(self.schedule_values)}")
@@ -100,9 +107,8 @@ class HSAT(Defense):
             x_adv = random_start(x, norm, eps)
             for _ in range(c.steps if k else 0):
                 if k < n:
-                    bound, grad = hessian_upper_bound(model, x_adv, y, alpha_ratio=c.alpha_ratio,
-                                                      chunk=c.hessian_batch)
-                    move = bound.argsort(stable=True)[:k]
+                    score, grad = curvature_score(model, x_adv, y, alpha_ratio=c.alpha_ratio, chunk=c.hessian_batch)
+                    move = score.argsort(stable=True)[:k]
                 else:
                     grad = input_gradient(model, x_adv, lambda logits: ce_loss(logits, y))
                     move = torch.arange(n, device=x.device)

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from attacks.pgd import ce_loss, pgd
-from bench.defense import Defense, register_defense
+from attacks.pgd import ce_loss, gaussian_start, pgd
+from bench.defense import Defense, check_fields, register_defense
 from bench.models import eval_mode
 
 
@@ -29,12 +29,14 @@ class MART(Defense):
         step_ratio: float = 0.007 / 0.031
         init_std: float = 0.001
 
+        def __post_init__(self):
+            check_fields(self, at_least_one=("steps",), positive=("step_ratio",), non_negative=("beta", "init_std"))
+
     def training_step(self, model, x, y, ctx):
         c, eps, norm = self.config, ctx.threat.eps, ctx.threat.norm
         with eval_mode(model):
-            start = (x + c.init_std * torch.randn_like(x)).clamp(0, 1)
             x_adv = pgd(model, x, lambda logits: ce_loss(logits, y), eps=eps, norm=norm, steps=c.steps,
-                        step_size=c.step_ratio * eps, x_init=start)
+                        step_size=c.step_ratio * eps, x_init=gaussian_start(x, c.init_std))
         logits, logits_adv = model(x), model(x_adv)
         p_adv = F.softmax(logits_adv, dim=1)
         top2 = p_adv.argsort(dim=1)[:, -2:]

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from attacks.pgd import ascent_step, ce_loss, input_gradient, margin_loss, project, random_start
-from bench.defense import Defense, register_defense
+from attacks.pgd import ce_loss, margin_loss, pgd_with_stopping, random_start
+from bench.defense import Defense, check_fields, register_defense
 from bench.models import eval_mode
 from defenses.sat_schedule import check_schedule, curriculum_lambda
 
@@ -26,7 +26,8 @@ class PSAT(Defense):
     ψ_P ≤ λ; a sample that violates the constraint keeps its iterate and, as nothing moves it again,
     is frozen. Frozen samples get no more forward or backward passes, so the cost per sample is
     1 + (steps it took part in) forward/backward passes: data dependent, at most that of PGD-AT.
-    Then CE(f(x'), y) in train mode. With λ ≥ 1 the constraint never binds: PGD-AT.
+    Then CE(f(x'), y) in train mode. With λ ≥ 1 the constraint never binds: PGD-AT's loss with the
+    adversary in eval mode (`pgd_at` attacks in train mode).
 
     Defaults (CIFAR-10, App. A): PGD-10 with step 2/255 at ε = 8/255 (step_ratio = step/ε, so other
     ε keep the proportion), linear λ from 0 at epoch 30 to 1 at epoch 70 of 100 (App. A, Fig. 5b);
@@ -54,21 +55,14 @@ class PSAT(Defense):
 
         def __post_init__(self):
             check_schedule(self)
+            check_fields(self, at_least_one=("steps",), positive=("step_ratio",))
 
     def training_step(self, model, x, y, ctx):
         c, eps, norm = self.config, ctx.threat.eps, ctx.threat.norm
         lam = curriculum_lambda(c, ctx)
         with eval_mode(model):
-            x_adv = random_start(x, norm, eps)
-            active = torch.arange(len(x), device=x.device)
-            for _ in range(c.steps):
-                xa, ya, gap = x_adv[active], y[active], []
-                grad = input_gradient(model, xa, lambda logits: ce_loss(logits, ya),
-                                      lambda logits, _: gap.append(probability_gap(logits.detach(), ya)))
-                keep = gap[0] <= lam
-                active = active[keep]
-                x_adv[active] = project(ascent_step(xa[keep], grad[keep], norm, c.step_ratio * eps),
-                                        x[active], norm, eps)
-                if len(active) == 0:
-                    break
+            x_adv = pgd_with_stopping(model, x, y, ce_loss,
+                                      lambda logits, grad, x_k, x_0, y_k: probability_gap(logits, y_k) <= lam,
+                                      eps=eps, norm=norm, steps=c.steps, step_size=c.step_ratio * eps,
+                                      x_init=random_start(x, norm, eps))
         return F.cross_entropy(model(x_adv), y)

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from attacks.pgd import ce_loss, pgd, random_start
-from bench.defense import Defense, register_defense
+from bench.defense import Defense, check_fields, register_defense
+
+
+def pgd_at_adversary(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str, steps: int,
+                     step_size: float) -> torch.Tensor:
+    """Madry et al.'s adversary: `steps` PGD steps on the cross-entropy from a uniform random start
+    in the ε ball, with the model in whatever mode the caller left it (train mode for PGD-AT)."""
+    return pgd(model, x, lambda logits: ce_loss(logits, y), eps=eps, norm=norm, steps=steps,
+               step_size=step_size, x_init=random_start(x, norm, eps))
 
 
 @register_defense("pgd_at")
@@ -24,8 +34,11 @@ class PGDAT(Defense):
         steps: int = 10
         step_ratio: float = 0.25  # step size / ε
 
+        def __post_init__(self):
+            check_fields(self, at_least_one=("steps",), positive=("step_ratio",))
+
     def training_step(self, model, x, y, ctx):
-        eps, norm = ctx.threat.eps, ctx.threat.norm
-        x_adv = pgd(model, x, lambda logits: ce_loss(logits, y), eps=eps, norm=norm, steps=self.config.steps,
-                    step_size=self.config.step_ratio * eps, x_init=random_start(x, norm, eps))
+        eps = ctx.threat.eps
+        x_adv = pgd_at_adversary(model, x, y, eps=eps, norm=ctx.threat.norm, steps=self.config.steps,
+                                 step_size=self.config.step_ratio * eps)
         return F.cross_entropy(model(x_adv), y)

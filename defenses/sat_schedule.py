@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.defense import TrainContext
+from bench.defense import TrainContext, paper_epoch
 
 SCHEDULES = ("linear", "step")
 
@@ -26,13 +26,16 @@ def check_schedule(config) -> None:
 
 
 def curriculum_lambda(config, ctx: TrainContext) -> float:
-    """λ during epoch `ctx.epoch` (from 1) of `ctx.epochs`: the paper's λ at its 0-based epoch
-    p = (ctx.epoch − 1)·paper_epochs/ctx.epochs, so the schedule keeps its shape under any budget
-    (exactly the paper's when ctx.epochs = paper_epochs). The knots are (schedule_epochs[i],
-    schedule_values[i]) in paper epochs: "linear" interpolates between them, "step" takes the value
-    of the last knot reached; both hold the end values outside the knots."""
+    """λ during epoch `ctx.epoch` (from 1) of `ctx.epochs`: the schedule at the paper time
+    p = `paper_epoch`(ctx.epoch, ctx.epochs, paper_epochs), the middle of the paper epochs the run's
+    epoch covers, so the schedule keeps its shape under any budget and ends at its final value on
+    short ones (a 2-epoch P-SAT trains at λ = 0, then 1). The knots are (schedule_epochs[i],
+    schedule_values[i]) in paper epochs, a knot at s meaning the paper's value from its 0-based epoch
+    s: "linear" interpolates between them, "step" takes the value of the last knot reached (at
+    E = paper_epochs, from 1-based epoch s + 1, as the paper); both hold the end values outside the
+    knots. At E = paper_epochs a linear ramp is read half an epoch after each epoch's start."""
     epochs, values = config.schedule_epochs, config.schedule_values
-    p = (ctx.epoch - 1) * config.paper_epochs / ctx.epochs
+    p = paper_epoch(ctx.epoch, ctx.epochs, config.paper_epochs)
     if config.schedule == "linear":
         return float(np.interp(p, epochs, values))
     reached = [v for e, v in zip(epochs, values) if e <= p]

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from attacks.pgd import pgd
-from bench.defense import Defense, register_defense
+from attacks.pgd import gaussian_start, pgd
+from bench.defense import Defense, check_fields, register_defense
 from bench.errors import BenchError
 from bench.models import CosineClassifier, eval_mode
 
@@ -60,6 +60,10 @@ class SPAT(Defense):
         step_ratio: float = 0.25  # step size / ε
         init_std: float = 0.001
 
+        def __post_init__(self):
+            check_fields(self, at_least_one=("steps",), positive=("s", "step_ratio"),
+                         non_negative=("lam", "alpha", "init_std"))
+
     def setup(self, model, ctx):
         if not any(isinstance(m, CosineClassifier) for m in model.modules()):
             raise BenchError('defense "spat" needs a normalized classifier head (cosine prototypes): set '
@@ -71,9 +75,8 @@ class SPAT(Defense):
         with eval_mode(model):
             with torch.no_grad():
                 p_log = F.log_softmax(c.s * model(x), dim=1)
-            start = (x + c.init_std * torch.randn_like(x)).clamp(0, 1)
             x_adv = pgd(model, x, lambda cos: robustness_loss(p_log, c.s * cos, c.alpha), eps=eps, norm=norm,
-                        steps=c.steps, step_size=c.step_ratio * eps, x_init=start)
+                        steps=c.steps, step_size=c.step_ratio * eps, x_init=gaussian_start(x, c.init_std))
         cos, cos_adv = model(x), model(x_adv)
         accuracy = F.cross_entropy(self_paced_logits(cos, y, c.s, c.beta), y)
         robust = robustness_loss(F.log_softmax(c.s * cos, dim=1), c.s * cos_adv, c.alpha).mean()

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attacks.pgd import ce_loss, default_step_size, input_gradient
-from bench.defense import Defense, register_defense
+from bench.defense import Defense, paper_epoch, register_defense
 from bench.models import eval_mode
 
 
@@ -65,9 +65,20 @@ class TATDRA(Defense):
     Defaults (CIFAR-10, Sec. 4.5.1): T = 5, p = 1/3, ε decayed linearly from 2/255 (first epoch) to
     0.5/255 (last adversarial epoch) over 50 epochs, then 10 clean epochs (60 in all). MNIST: T = 20,
     p = 2/3, ε = 0.1 constant for 50 epochs: `steps = 20, p = "2/3", budget_start = 0.1,
-    budget_end = 0.1, clean_epochs = 0` in a suite. Other budgets: the run's E = ctx.epochs epochs
-    keep the paper's proportion, ceil(E·50/60) adversarial epochs (at least one) then the rest clean;
-    the decay spans the adversarial epochs.
+    budget_end = 0.1, clean_epochs = 0` in a suite. Other budgets: epoch e (1-based) of E = ctx.epochs
+    follows the paper at the paper time t = (e − ½)·60/E it stands for (`bench.defense.paper_epoch`,
+    60 = decay_epochs + clean_epochs): adversarial while t < 50, clean after, so the paper's
+    proportion (10 of 12 epochs adversarial at E = 12; with the defaults the first epoch always
+    is); ε is linear in t from `budget_start` at paper epoch 0 to `budget_end` at paper epoch 49
+    (the thesis' first and last adversarial epochs, as `sat_schedule` reads its knots), held after. At E = 60 the last
+    adversarial epoch trains at 0.5/255 and the first at 2/255 less half an epoch's decay; short
+    budgets see the decay at their epochs' middles, so their first and last adversarial epochs
+    stop short of both ends (at E = 12: 1.92/255 … 0.55/255).
+
+    Model selection: the thesis' model is the one at the end of training, after the clean-only
+    epochs, i.e. the run's last.pt. The trainer's best.pt is chosen by robust validation accuracy
+    (as for every defense) and may be an epoch of the adversarial phase: report last.pt to compare
+    with the thesis.
 
     Natural pre-training: `ctx.pretrained("natural")`, best (clean-validation) checkpoint, copied into
     the model in `setup`. The thesis gives no epoch count for it (only the shared optimizer settings),
@@ -106,12 +117,11 @@ class TATDRA(Defense):
     def budget_at(self, epoch: int, epochs: int) -> float | None:
         """DRA's ε in `epoch` (from 1) of `epochs`; None in the clean-only epochs."""
         c = self.config
-        adversarial = -(-epochs * c.decay_epochs // (c.decay_epochs + c.clean_epochs))  # ceil
-        if epoch > adversarial:
+        t = paper_epoch(epoch, epochs, c.decay_epochs + c.clean_epochs)
+        if t >= c.decay_epochs:
             return None
-        if adversarial == 1:
-            return c.budget_start
-        return c.budget_start + (c.budget_end - c.budget_start) * (epoch - 1) / (adversarial - 1)
+        progress = min(t / (c.decay_epochs - 1), 1.0) if c.decay_epochs > 1 else 0.0
+        return c.budget_start + (c.budget_end - c.budget_start) * progress
 
     def training_step(self, model, x, y, ctx):
         c = self.config

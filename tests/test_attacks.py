@@ -1,5 +1,6 @@
 """Attacks: box and ball constraints for every registered attack and norm, strength on a trained
-model, exact agreement with torchattacks 3.5.1, restarts, the margin loss, pass counting."""
+model, exact agreement with torchattacks 3.5.1, restarts, the margin loss and the shared helpers,
+pass counting."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attacks.pgd import margin_loss, random_start
+from attacks.pgd import margin_loss, other_classes, per_sample, random_start
 from bench.attack import ATTACKS, load_attacks
 from bench.counting import PassCounter, count_passes
 from bench.errors import BenchError
@@ -420,6 +421,31 @@ def test_margin_loss_gradient_flows_to_true_and_runner_up():
     logits = torch.tensor([[1.0, 3.0, 2.0]], requires_grad=True)
     margin_loss(logits, torch.tensor([1])).sum().backward()
     torch.testing.assert_close(logits.grad, torch.tensor([[0.0, -1.0, 1.0]]))
+
+
+def test_other_classes_rank_the_wrong_classes_by_logit():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.5], [4.0, -1.0, 0.0, 2.0]])
+    y = torch.tensor([1, 3])
+    assert other_classes(logits, y).tolist() == [[2, 0, 3], [0, 2, 1]]
+    assert other_classes(logits, y, 1).tolist() == [[2], [0]]
+
+
+def test_per_sample_broadcasts_against_a_batch():
+    x = torch.zeros(3, 2, 4, 4)
+    v = per_sample(torch.tensor([1.0, 2.0, 3.0]), x)
+    assert v.shape == (3, 1, 1, 1) and torch.equal((x + v)[:, 1, 2, 3], torch.tensor([1.0, 2.0, 3.0]))
+    assert per_sample(torch.ones(3), torch.zeros(3, 5)).shape == (3, 1)
+
+
+def test_stats_accumulate_over_batches():
+    """`Attack.accumulate` adds counts to `stats` (or to a named group in it), keeping the order keys
+    first came in (AutoAttack's robust counts are listed in cascade order)."""
+    attack = ATTACKS.get("noise")()
+    for _ in range(2):
+        assert attack.accumulate(samples=3, fooled=1) is attack.stats
+        attack.accumulate("robust_after", **{"clean": 5, "apgd-ce": 2})
+    assert attack.stats == {"samples": 6, "fooled": 2, "robust_after": {"clean": 10, "apgd-ce": 4}}
+    assert list(attack.stats["robust_after"]) == ["clean", "apgd-ce"]
 
 
 # --------------------------------------------------------------------------- pass counting

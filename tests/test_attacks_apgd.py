@@ -438,6 +438,7 @@ def test_autoattack_versions_configure_components_as_the_official_code():
     run, _ = ATTACKS.get("autoattack")(eps=0.5, norm="L2").plan(10)
     assert all(p["norm"] == "L2" and p["eps"] == 0.5 for _, p in run.values())
     assert run["square"][1]["p_init"] == 0.8 and run["apgd-ce"][1]["rho"] == 0.75
+    assert run["square"][1]["rescale_schedule"] is False  # SquareAttack(..., resc_schedule=False)
     assert (run["fab-t"][1]["alpha_max"], run["fab-t"][1]["eta"], run["fab-t"][1]["beta"]) == (0.1, 1.05, 0.9)
 
 

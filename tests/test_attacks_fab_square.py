@@ -319,20 +319,23 @@ def test_fab_observes_only_iterates_inside_the_ball(trained_model, synthetic):
 # --------------------------------------------------------------------------- Square
 
 
+@pytest.mark.parametrize("rescale", [True, False])
 @pytest.mark.parametrize("norm, eps", [("Linf", 0.1), ("L2", 0.5)])
-def test_square_single_run_agrees_with_torchattacks(norm, eps, torchattacks, trained_model, correct_batch):
+def test_square_single_run_agrees_with_torchattacks(norm, eps, rescale, torchattacks, trained_model, correct_batch):
     """torchattacks' `attack_single_run` (seeded as its `perturb` does) returns, for every sample, its
     best point and its query count. On correctly classified samples ours draws the same random
     numbers in the same order and computes in the same order: the same best points bit for bit, hence
-    the same fooled samples, and the same query counts (our stats hold their sums)."""
+    the same fooled samples, and the same query counts (our stats hold their sums). Both with the
+    schedule of p rescaled to the 200 queries (`resc_schedule`, the class default) and without (as
+    AutoAttack runs Square), where the squares stay larger for longer."""
     x, y = correct_batch
     queries = 200
-    atk = torchattacks.Square(trained_model, norm=norm, eps=eps, n_queries=queries, seed=0)
+    atk = torchattacks.Square(trained_model, norm=norm, eps=eps, n_queries=queries, seed=0, resc_schedule=rescale)
     atk.init_hyperparam(x)
     torch.manual_seed(0)
     their_queries, theirs = atk.attack_single_run(x, y)
     torch.manual_seed(0)
-    attack = ATTACKS.get("square")(norm=norm, eps=eps, queries=queries)
+    attack = ATTACKS.get("square")(norm=norm, eps=eps, queries=queries, rescale_schedule=rescale)
     ours = attack(trained_model, x, y)
     assert torch.equal(ours, theirs)
     fooled = predict(trained_model, theirs) != y
@@ -352,11 +355,12 @@ def test_square_restarts_agree_with_torchattacks(norm, eps, torchattacks, traine
     x, y = synthetic.test_x[64:], synthetic.test_y[64:]
     wrong = predict(trained_model, x) != y
     assert wrong.sum() == 1
-    atk = torchattacks.Square(trained_model, norm=norm, eps=eps, n_queries=100, n_restarts=2, seed=0)
+    atk = torchattacks.Square(trained_model, norm=norm, eps=eps, n_queries=100, n_restarts=2, seed=0,
+                              resc_schedule=True)
     atk.set_model_training_mode(model_training=False)
     theirs = atk(x, y)
     torch.manual_seed(0)
-    ours = ATTACKS.get("square")(norm=norm, eps=eps, queries=100, restarts=2)(trained_model, x, y)
+    ours = ATTACKS.get("square")(norm=norm, eps=eps, queries=100, restarts=2, rescale_schedule=True)(trained_model, x, y)
     fooled = predict(trained_model, theirs) != y
     assert torch.equal(predict(trained_model, ours) != y, fooled)
     assert torch.equal(ours[fooled], theirs[fooled]) and torch.equal(ours[wrong], x[wrong])
@@ -448,11 +452,20 @@ def test_square_with_two_classes(binary):
 
 
 def test_square_p_schedule():
-    """p_init halves after iterations 10, 50, 200, 500, 1k, 2k, 4k, 6k, 8k of 10,000, rescaled to the
-    budget (official `p_selection`)."""
+    """p_init halves after iterations 10, 50, 200, 500, 1k, 2k, 4k, 6k, 8k of 10,000 (official
+    `p_selection`). By default (`resc_schedule=True`, the official class default) the iteration is
+    first rescaled to a 10,000-query budget; AutoAttack builds Square with `resc_schedule=False`,
+    where 5,000 queries halve p at the same iterations as 10,000 and stop at p_init/128."""
     assert [p_schedule(0.8, it, 10000) for it in (0, 10, 11, 50, 51, 200, 201, 8000, 8001, 9999)] == \
         [0.8, 0.8, 0.4, 0.4, 0.2, 0.2, 0.1, 0.8 / 256, 0.8 / 512, 0.8 / 512]
     assert [p_schedule(0.8, it, 5000) for it in (5, 6, 25, 26)] == [0.8, 0.4, 0.4, 0.2]
+    assert [p_schedule(0.8, it, 5000, rescale=False) for it in (5, 6, 10, 11, 25, 26, 50, 51, 4000, 4001, 4999)] == \
+        [0.8, 0.8, 0.8, 0.4, 0.4, 0.4, 0.4, 0.2, 0.8 / 64, 0.8 / 128, 0.8 / 128]
+    assert all(p_schedule(0.8, it, 10000, rescale=False) == p_schedule(0.8, it, 10000) for it in range(10000))
+    default = ATTACKS.get("square")()
+    assert default.config.rescale_schedule
+    aa_square = ATTACKS.get("autoattack")().components(10)[-1]
+    assert aa_square[0] == "square" and aa_square[1].config.rescale_schedule is False
 
 
 # --------------------------------------------------------------------------- configuration
@@ -465,7 +478,8 @@ def test_paper_defaults():
                                 alpha_max=0.1, eta=1.05, beta=0.9, restart_scale=0.5)
     square = ATTACKS.get("square")()
     assert not square.minimum_norm and square.kind == "score" and square.implementation == "atbench"
-    assert square.params() == dict(norm="Linf", eps=8 / 255, queries=5000, p_init=0.8, restarts=1)
+    assert square.params() == dict(norm="Linf", eps=8 / 255, queries=5000, p_init=0.8, restarts=1,
+                                   rescale_schedule=True)
 
 
 @pytest.mark.parametrize("name, params", [

@@ -103,6 +103,18 @@ def test_eat_static_models_are_natural_runs_with_other_seeds(synthetic, tiny_mod
         DEFENSES.get("eat")(static_models=("mlpp",))
     with pytest.raises(BenchError, match="at least one"):
         DEFENSES.get("eat")(static_models=())
+    with pytest.raises(BenchError, match="static_epochs"):
+        DEFENSES.get("eat")(static_epochs=0)
+
+
+def test_eat_static_budget_is_a_knob(synthetic, tiny_model, make_ctx):
+    """`static_epochs` sets every static run's epochs (`train`); by default they have the run's own."""
+    ctx = make_ctx(tiny_model)
+    ctx.pretrained = FakePretrained(synthetic, seed=0)
+    assert DEFENSES.get("eat")().config.static_epochs is None
+    DEFENSES.get("eat")(static_models=("same", "mlp"), static_epochs=4).setup(tiny_model, ctx)
+    assert ctx.pretrained.calls == [("natural", {"seed": 1, "train": {"epochs": 4}}),
+                                    ("natural", {"seed": 2, "model": "mlp", "train": {"epochs": 4}})]
 
 
 def fgsm_predicted(model, x, eps):
@@ -173,11 +185,16 @@ def test_fosc_is_the_first_order_optimality_gap(norm):
 
 
 def test_dat_threshold_decreases_linearly():
+    """The authors' c_t = 0.5 − 0.5·t/100 (t the 0-based epoch of 120), read at the middle of the
+    paper epochs each run epoch covers (bench.defense.paper_epoch): t = e − ½ at 120 epochs, so the
+    values sit half an epoch's decay (0.0025) below the start-of-epoch rule's 0.5, 0.25, 0.005;
+    c reaches 0 in the epoch whose middle passes T' = 100 (the 101st, as before)."""
     defense = DEFENSES.get("dat")()
-    # the authors' code: c_t = 0.5 − 0.5·t/100 for the 0-based epoch t of 120
-    assert [defense.threshold(e, 120) for e in (1, 51, 101, 120)] == pytest.approx([0.5, 0.25, 0.0, 0.0])
-    # other budgets: T' = 100/120 of the epochs
-    assert [defense.threshold(e, 12) for e in (1, 6, 11, 12)] == pytest.approx([0.5, 0.25, 0.0, 0.0])
+    assert [defense.threshold(e, 120) for e in (1, 51, 100, 101, 120)] == pytest.approx(
+        [0.4975, 0.2475, 0.0025, 0.0, 0.0])
+    # other budgets: T' = 100/120 of training, paper time (e − ½)/E as a fraction of it
+    assert [defense.threshold(e, 12) for e in (1, 6, 10, 11, 12)] == pytest.approx([0.475, 0.225, 0.025, 0.0, 0.0])
+    assert defense.threshold(1, 1) == pytest.approx(0.5 * (1 - 0.5 * 120 / 100))
     with pytest.raises(BenchError, match="control_fraction"):
         DEFENSES.get("dat")(control_fraction=0.0)
 
@@ -200,11 +217,14 @@ def test_dat_stops_each_sample_when_its_fosc_reaches_the_threshold(trained, data
     x, y = data
     model = Tempered(trained).train()
     c_max, steps = 0.1, 10
-    ctx = at_epoch(make_ctx(model, eps=EPS), 1, 4)  # c_1 = c_max
+    ctx = at_epoch(make_ctx(model, eps=EPS), 1, 4)
+    defense = DEFENSES.get("dat")(c_max=c_max)
+    c_t = defense.threshold(1, 4)
+    assert c_t == pytest.approx(c_max * (1 - (0.5 / 4) / (100 / 120)))  # paper time 1/8 of training
     inputs, handle = record_forwards(model)
     torch.manual_seed(0)
     with count_passes(model) as counter:
-        loss = DEFENSES.get("dat")(c_max=c_max).training_step(model, x, y, ctx)
+        loss = defense.training_step(model, x, y, ctx)
     handle.remove()
     assert model.training
 
@@ -217,7 +237,7 @@ def test_dat_stops_each_sample_when_its_fosc_reaches_the_threshold(trained, data
         grad = input_grad(model, x_adv, lambda z: F.cross_entropy(z, y, reduction="none"))
         gap = EPS * grad.flatten(1).abs().sum(1) - ((x_adv - x) * grad).flatten(1).sum(1)
         checks += int(running.sum())
-        running &= gap > c_max
+        running &= gap > c_t
         x_adv = torch.where(running.view(-1, 1, 1, 1), linf_step(x_adv, x, grad, EPS / 4, EPS), x_adv)
         taken += running.float()
     model.train()
@@ -244,12 +264,23 @@ def test_dat_large_threshold_keeps_the_random_start(trained, data, make_ctx):
 # --------------------------------------------------------------------------- cat
 
 
-def test_cat_lessons_split_the_budget_evenly():
+def test_cat_lessons_run_from_clean_to_full_strength():
+    """l = round((e − 1)·K/(E − 1)), half up (K for a 1-epoch run): monotone, clean at epoch 1, and
+    the last epoch always at full strength K, also when E < K + 1 (the earlier ⌊(e − 1)(K + 1)/E⌋
+    split never reached K then, e.g. ended at l = 4 on 2 epochs, and trained a 1-epoch run clean)."""
     defense = DEFENSES.get("cat")()
     assert [defense.strength(e, 16) for e in range(1, 17)] == [k for k in range(8) for _ in range(2)]
-    assert defense.strength(1, 1) == 0
+    assert defense.strength(1, 1) == 7
+    assert [defense.strength(e, 2) for e in (1, 2)] == [0, 7]
+    assert [defense.strength(e, 3) for e in (1, 2, 3)] == [0, 4, 7]  # 3.5 rounds up
+    for epochs in range(2, 30):
+        lessons = [defense.strength(e, epochs) for e in range(1, epochs + 1)]
+        assert lessons == sorted(lessons) and lessons[0] == 0 and lessons[-1] == 7, epochs
     lessons = [defense.strength(e, 120) for e in range(1, 121)]
-    assert lessons == sorted(lessons) and [lessons.count(k) for k in range(8)] == [15] * 8
+    # inner lessons of (E − 1)/K = 17 epochs, the first and the last half that
+    assert [lessons.count(k) for k in range(8)] == [9] + [17] * 6 + [9]
+    with pytest.raises(BenchError, match="max_steps"):
+        DEFENSES.get("cat")(max_steps=0)
 
 
 def test_cat_batch_mixing(trained, data, make_ctx):
@@ -257,7 +288,7 @@ def test_cat_batch_mixing(trained, data, make_ctx):
     the last 9; PGD-i from a uniform start, i steps of (2ε/i)·u, u ~ U(1, 10/i); then CE of the mix."""
     x, y = data[0][:30], data[1][:30]
     parts = {1: slice(7, 14), 2: slice(14, 21), 3: slice(21, 30)}
-    ctx = at_epoch(make_ctx(trained, eps=EPS), 4, 8)  # ⌊3·8/8⌋ = 3
+    ctx = at_epoch(make_ctx(trained, eps=EPS), 4, 8)  # round(3·7/7) = 3
     inputs, handle = record_forwards(trained)
     torch.manual_seed(0)
     with count_passes(trained) as counter:
@@ -362,17 +393,20 @@ def test_awp_steps_from_the_perturbed_weights_then_removes_the_perturbation(trai
 
 
 def test_awp_warm_up(trained, data, make_ctx):
-    """Before epoch ⌈start_fraction·E⌉ (10 of 200 by default) AWP is plain PGD-AT: weights untouched,
-    11 forward passes."""
+    """While the run's epoch stands for a paper time before start_fraction (10 of 200 by default;
+    epoch e of E at (e − ½)/E, bench.defense.paper_epoch) AWP is plain PGD-AT: weights untouched,
+    11 forward passes. At 200 epochs the warm-up is epochs 1-10, the code's `--awp-warmup 10` (the
+    earlier ⌈start_fraction·E⌉ rule started AWP at epoch 10, after 9)."""
     defense = DEFENSES.get("awp")()
-    assert [defense.active(e, 200) for e in (9, 10, 200)] == [False, True, True]
+    assert [defense.active(e, 200) for e in (10, 11, 200)] == [False, True, True]
+    assert [defense.active(e, 20) for e in (1, 2)] == [False, True]  # 0.025 < 0.05 <= 0.075
     assert defense.active(1, 1)
     x, y = data
     before = copy.deepcopy(trained)
     inputs, handle = record_forwards(trained)
     torch.manual_seed(0)
     with count_passes(trained) as counter:
-        loss = defense.training_step(trained, x, y, at_epoch(make_ctx(trained, eps=EPS), 9, 200))
+        loss = defense.training_step(trained, x, y, at_epoch(make_ctx(trained, eps=EPS), 10, 200))
     handle.remove()
     assert all(torch.equal(p, p0) for p, p0 in zip(trained.parameters(), before.parameters()))
     torch.testing.assert_close(loss, F.cross_entropy(trained(inputs[-1]), y))
@@ -417,15 +451,17 @@ def test_gair_weights():
 
 def test_gairat_kappa_and_weighted_loss(trained, data, make_ctx):
     """κ counts the correctly classified iterates x⁰ … x^{K−1} of eval-mode PGD-10 (step 0.007/0.031·ε,
-    uniform start); after the burn-in the loss is mean(ω·CE(x')), before it mean CE(x')."""
+    uniform start); after the burn-in the loss is mean(ω·CE(x')), before it mean CE(x'). The burn-in
+    holds while (e − ½)/E < begin_fraction (bench.defense.paper_epoch): epochs 1-60 of 120, the code's
+    60 (the earlier ⌈begin_fraction·E⌉ rule reweighted from epoch 60, after 59)."""
     x, y = data
     defense = DEFENSES.get("gairat")()
-    assert [defense.reweighting(e, 120) for e in (59, 60)] == [False, True] and defense.reweighting(1, 1)
+    assert [defense.reweighting(e, 120) for e in (60, 61)] == [False, True] and defense.reweighting(1, 1)
     inputs, handle = record_forwards(trained)
     torch.manual_seed(0)
     loss = defense.training_step(trained, x, y, make_ctx(trained, eps=EPS))
     torch.manual_seed(0)
-    plain = defense.training_step(trained, x, y, at_epoch(make_ctx(trained, eps=EPS), 59, 120))
+    plain = defense.training_step(trained, x, y, at_epoch(make_ctx(trained, eps=EPS), 60, 120))
     handle.remove()
 
     torch.manual_seed(0)

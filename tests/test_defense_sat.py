@@ -1,5 +1,5 @@
 """H-SAT and P-SAT (Sitawarin et al., AISec 2021): the λ schedules, P-SAT's per-sample early
-termination against a full-batch re-implementation of Algorithm 1, the Hessian estimate of H-SAT
+termination against a full-batch re-implementation of Algorithm 1, the curvature score of H-SAT
 against exact Hessian-vector products, and H-SAT's subset updates."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from bench.counting import count_passes
 from bench.defense import DEFENSES, load_defenses
 from bench.errors import BenchError
-from defenses.h_sat import hessian_upper_bound
+from defenses.h_sat import curvature_score
 from defenses.sat_schedule import curriculum_lambda
 from tests.conftest import tiny_cnn
 
@@ -67,21 +67,33 @@ def input_grad(model, x_adv, y):
 # --------------------------------------------------------------------------- schedules
 
 
+STEPS = {"schedule": "step", "schedule_epochs": [0, 40, 60, 80], "schedule_values": [0, 1 / 3, 2 / 3, 1]}
+
+
 @pytest.mark.parametrize("name, params, epochs, expected", [
-    # P-SAT linear: 0 until paper epoch 30, 1 from 70 (App. A); 0-based paper epoch = our epoch − 1
-    ("p_sat", {}, 100, {1: 0.0, 31: 0.0, 51: 0.5, 61: 0.75, 71: 1.0, 100: 1.0}),
-    # the same shape under a 10-epoch budget: paper epoch = (epoch − 1)·100/10
-    ("p_sat", {}, 10, {1: 0.0, 4: 0.0, 5: 0.25, 6: 0.5, 8: 1.0, 10: 1.0}),
-    # P-SAT step schedule of PreAct ResNet-20: +1/3 at 40, 60, 80
-    ("p_sat", {"schedule": "step", "schedule_epochs": [0, 40, 60, 80], "schedule_values": [0, 1 / 3, 2 / 3, 1]},
-     100, {1: 0.0, 40: 0.0, 41: 1 / 3, 60: 1 / 3, 61: 2 / 3, 81: 1.0}),
-    ("p_sat", {"schedule": "step", "schedule_epochs": [0, 40, 60, 80], "schedule_values": [0, 1 / 3, 2 / 3, 1]},
-     20, {8: 0.0, 9: 1 / 3, 13: 2 / 3, 17: 1.0}),
-    # H-SAT: 0.8 → 1 by epoch 30
-    ("h_sat", {}, 100, {1: 0.8, 16: 0.9, 31: 1.0, 100: 1.0}),
-    ("h_sat", {}, 10, {1: 0.8, 2: 0.8 + 0.2 / 3, 4: 1.0}),
+    # P-SAT linear: 0 until paper epoch 30, 1 from 70 (App. A), read at the middle of the paper epochs
+    # each run epoch covers (bench.defense.paper_epoch): at 100 epochs, paper time = epoch − ½
+    ("p_sat", {}, 100, {1: 0.0, 30: 0.0, 31: 0.0125, 51: 0.5125, 61: 0.7625, 70: 0.9875, 71: 1.0, 100: 1.0}),
+    # the same shape under a 10-epoch budget: paper time = (epoch − ½)·100/10
+    ("p_sat", {}, 10, {1: 0.0, 3: 0.0, 4: 0.125, 5: 0.375, 6: 0.625, 7: 0.875, 8: 1.0, 10: 1.0}),
+    # short budgets end at the final λ (the start-of-epoch rule ended a 2-epoch run at 0.5)
+    ("p_sat", {}, 2, {1: 0.0, 2: 1.0}),
+    ("p_sat", {}, 1, {1: 0.5}),
+    # P-SAT step schedule of PreAct ResNet-20: +1/3 at 40, 60, 80; at the paper's budget a step at
+    # paper epoch s switches at 1-based epoch s + 1, as in the paper
+    ("p_sat", STEPS, 100, {1: 0.0, 40: 0.0, 41: 1 / 3, 60: 1 / 3, 61: 2 / 3, 80: 2 / 3, 81: 1.0}),
+    # at 20 epochs a step switches at the run epoch whose middle passes it: (e − ½)·5 ≥ s
+    ("p_sat", STEPS, 20, {8: 0.0, 9: 1 / 3, 12: 1 / 3, 13: 2 / 3, 16: 2 / 3, 17: 1.0}),
+    # H-SAT: 0.8 → 1 by paper epoch 30
+    ("h_sat", {}, 100, {1: 0.8 + 0.2 * 0.5 / 30, 16: 0.8 + 0.2 * 15.5 / 30, 30: 0.8 + 0.2 * 29.5 / 30, 31: 1.0,
+                        100: 1.0}),
+    ("h_sat", {}, 10, {1: 0.8 + 0.2 * 5 / 30, 2: 0.9, 3: 0.8 + 0.2 * 25 / 30, 4: 1.0}),
 ])
 def test_lambda_schedules(name, params, epochs, expected):
+    """λ at the middle of the paper epochs each run epoch covers, (epoch − ½)·paper_epochs/epochs.
+    The values changed from the start-of-epoch rule (epoch − 1)·paper_epochs/epochs, which never
+    passed paper time P − P/E and so cut late schedules short on small budgets: linear ramps are now
+    read half an epoch later, step schedules switch at the same epochs as before at these budgets."""
     config = DEFENSES.get(name)(**params).config
     got = {epoch: curriculum_lambda(config, SimpleNamespace(epoch=epoch, epochs=epochs)) for epoch in expected}
     assert got == pytest.approx(expected)
@@ -195,7 +207,7 @@ def test_p_sat_lambda_below_minus_one_trains_on_the_random_start(model, data, ma
     torch.testing.assert_close(inputs[-1], (x + torch.empty_like(x).uniform_(-EPS, EPS)).clamp(0, 1))
 
 
-# --------------------------------------------------------------------------- H-SAT estimate
+# --------------------------------------------------------------------------- H-SAT score
 
 
 def curvature_along_gradient(model, x, y):
@@ -211,40 +223,54 @@ def curvature_along_gradient(model, x, y):
     return torch.stack(out)
 
 
-def test_hessian_bound_per_sample_is_the_curvature_along_the_gradient(warm, data):
-    """With chunks of one sample, Eq. (20) rescaled is ĝᵀHĝ + 4/r (r = α/‖∇‖), up to the O(α)
-    Taylor remainder (float64, small r so the remainder is negligible)."""
+def test_curvature_score_per_sample_is_the_curvature_along_the_gradient(warm, data):
+    """With chunks of one sample, 2[ℓ(θ + αĝ) − ℓ(θ)]/α² is ĝᵀHĝ + 2/r (r = α/‖∇‖; the first-order
+    term 2‖∇ℓ‖/α is the same for every sample), up to the O(α) Taylor remainder (float64, small r
+    so the remainder is negligible). ĝᵀHĝ is a Rayleigh quotient (at most the top eigenvalue). The
+    score used to add another 2/r (Eq. (20)'s α‖∇ℓ‖ term), which could not change the ranking."""
     model = copy.deepcopy(warm).double()
     x, y = data[0][:8].double(), data[1][:8]
     r = 1e-4
-    bound, grad = hessian_upper_bound(model, x, y, alpha_ratio=r, chunk=1)
+    score, grad = curvature_score(model, x, y, alpha_ratio=r, chunk=1)
     exact = curvature_along_gradient(model, x, y)
     assert exact.max() - exact.min() > 5  # the samples differ: the ranking is informative
-    torch.testing.assert_close(bound - 4 / r, exact, rtol=0, atol=0.05)
+    torch.testing.assert_close(score - 2 / r, exact, rtol=0, atol=0.05)
+    assert torch.equal(score.argsort(), exact.argsort())  # ranked by the curvature itself
     torch.testing.assert_close(grad, input_grad(model, x, y))
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_hessian_bound_shares_the_chunk_gradient(warm, data):
+def test_curvature_score_shares_the_chunk_gradient(warm, data):
     """Chunks of 4: every sample of a chunk is probed along the chunk's mean gradient ∇̄ with
-    α = r‖∇̄‖: σ̄_i = 2[ℓ_i(θ + r∇̄) − ℓ_i(θ)]/(r‖∇̄‖)² + 2/r, recomputed on a shifted copy."""
+    α = r‖∇̄‖: σ_i = 2[ℓ_i(θ + r∇̄) − ℓ_i(θ)]/(r‖∇̄‖)², recomputed on a shifted copy. The
+    samples' first-order alignment with ∇̄, 2∇ℓ_iᵀ∇̄/(r‖∇̄‖²), varies within a chunk and
+    dominates the score."""
     model = copy.deepcopy(warm).double()
     x, y = data[0][:8].double(), data[1][:8]
     r = 0.01
-    bound, _ = hessian_upper_bound(model, x, y, alpha_ratio=r, chunk=4)
-    expected = []
+    score, _ = curvature_score(model, x, y, alpha_ratio=r, chunk=4)
+    expected, first_order = [], []
+    params = list(model.parameters())
     for xc, yc in zip(x.split(4), y.split(4)):
-        grads = torch.autograd.grad(F.cross_entropy(model(xc), yc), list(model.parameters()))
+        grads = torch.autograd.grad(F.cross_entropy(model(xc), yc), params)
         norm2 = sum(g.pow(2).sum() for g in grads)
         shifted = copy.deepcopy(model)
         with torch.no_grad():
             for p, g in zip(shifted.parameters(), grads):
                 p += r * g
             rise = F.cross_entropy(shifted(xc), yc, reduction="none") - F.cross_entropy(model(xc), yc, reduction="none")
-        expected.append(2 * rise / (r ** 2 * norm2) + 2 / r)
-    torch.testing.assert_close(bound, torch.cat(expected))
-    per_sample, _ = hessian_upper_bound(model, x, y, alpha_ratio=r, chunk=1)
-    assert (bound - per_sample).abs().max() > 1  # the chunk gradient changes the estimate
+        expected.append(2 * rise / (r ** 2 * norm2))
+        for i in range(len(xc)):
+            own = torch.autograd.grad(F.cross_entropy(model(xc[i:i + 1]), yc[i:i + 1]), params)
+            first_order.append(2 * sum((a * b).sum() for a, b in zip(own, grads)) / (r * norm2))
+    torch.testing.assert_close(score, torch.cat(expected))
+    per_sample, _ = curvature_score(model, x, y, alpha_ratio=r, chunk=1)
+    assert (score - per_sample).abs().max() > 1  # the chunk gradient changes the estimate
+    # the first-order term averages 2/r over a chunk, varies within it and leaves a second-order rest
+    # (the curvature along ∇̄, plus O(α)) that is far smaller than its spread
+    first_order = torch.stack(first_order)
+    torch.testing.assert_close(first_order.view(2, 4).mean(1), torch.full((2,), 2 / r, dtype=torch.float64))
+    assert (score - first_order).abs().max() < 0.2 * first_order.std()
 
 
 # --------------------------------------------------------------------------- H-SAT steps
@@ -266,10 +292,10 @@ def test_h_sat_moves_only_the_flattest_fraction(model, warm, data, make_ctx):
     x_ref = (x + torch.empty_like(x).uniform_(-EPS, EPS)).clamp(0, 1)
     chosen = []
     for _ in range(3):
-        bound, _ = hessian_upper_bound(warm, x_ref, y, alpha_ratio=0.01, chunk=16)
+        score, _ = curvature_score(warm, x_ref, y, alpha_ratio=0.01, chunk=16)
         move = torch.zeros(B, dtype=torch.bool)
-        move[bound.argsort(stable=True)[:16]] = True
-        assert bound[move].max() <= bound[~move].min()
+        move[score.argsort(stable=True)[:16]] = True
+        assert score[move].max() <= score[~move].min()
         x_next = torch.where(move[:, None, None, None], step_from(x, x_ref, input_grad(warm, x_ref, y), EPS / 4), x_ref)
         assert torch.equal(x_next[~move], x_ref[~move])
         assert (x_next[move] != x_ref[move]).flatten(1).any(1).all()
@@ -302,11 +328,11 @@ def test_h_sat_with_lambda_zero_moves_nothing(model, data, make_ctx):
     torch.testing.assert_close(inputs[0], (x + torch.empty_like(x).uniform_(-EPS, EPS)).clamp(0, 1))
 
 
-def test_hessian_bound_ignores_autocast(warm, data):
+def test_curvature_score_ignores_autocast(warm, data):
     """Under bfloat16 autocast (the trainer's amp) the estimate still runs in float32: a finite
     difference of bfloat16 losses would be noise."""
     x, y = data
-    expected, _ = hessian_upper_bound(warm, x, y, alpha_ratio=0.01, chunk=32)
+    expected, _ = curvature_score(warm, x, y, alpha_ratio=0.01, chunk=32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got, _ = hessian_upper_bound(warm, x, y, alpha_ratio=0.01, chunk=32)
+        got, _ = curvature_score(warm, x, y, alpha_ratio=0.01, chunk=32)
     torch.testing.assert_close(got, expected)

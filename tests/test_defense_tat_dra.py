@@ -78,16 +78,29 @@ def test_dra_step_follows_the_gradient_without_sign(trained_model, data):
 
 
 def test_budget_schedule():
-    """CIFAR: 2/255 → 0.5/255 linearly over 50 epochs, then 10 clean ones; other budgets keep the
-    proportion (ceil(E·50/60) adversarial epochs); MNIST: 0.1 throughout."""
+    """CIFAR: 2/255 at paper epoch 0 → 0.5/255 at paper epoch 49, linear, then 10 clean epochs; epoch
+    e of E is read at paper time t = (e − ½)·60/E (bench.defense.paper_epoch): adversarial while
+    t < 50. MNIST: 0.1 throughout. The values changed from the earlier rule, which ran the decay over
+    the run's own ceil(E·50/60) adversarial epochs: now every defense maps its schedule the same way,
+    so the first epoch starts half an epoch into the decay and, on short budgets, the last
+    adversarial epoch stops short of 0.5/255."""
     d = DEFENSES.get("tat_dra")()
-    assert d.budget_at(1, 60) == pytest.approx(2 / 255)
-    assert d.budget_at(50, 60) == pytest.approx(0.5 / 255)
-    assert d.budget_at(25, 60) == pytest.approx((2 - 1.5 * 24 / 49) / 255)
+
+    def decay(t):
+        return (2 - 1.5 * min(t / 49, 1)) / 255
+
+    assert d.budget_at(1, 60) == pytest.approx(decay(0.5))
+    assert d.budget_at(25, 60) == pytest.approx(decay(24.5))
+    assert d.budget_at(50, 60) == pytest.approx(0.5 / 255)  # the last adversarial epoch, as the thesis
     assert [d.budget_at(e, 60) for e in range(51, 61)] == [None] * 10
+    # other budgets keep the proportion: 10 of 12 epochs adversarial
     assert [d.budget_at(e, 12) is None for e in range(1, 13)] == [False] * 10 + [True] * 2
-    assert d.budget_at(10, 12) == pytest.approx(0.5 / 255)
-    assert d.budget_at(1, 1) == pytest.approx(2 / 255)
+    assert [d.budget_at(e, 12) for e in (1, 10)] == [pytest.approx(decay(2.5)), pytest.approx(decay(47.5))]
+    budgets = [d.budget_at(e, 12) for e in range(1, 11)]
+    assert budgets == sorted(budgets, reverse=True)
+    assert d.budget_at(1, 1) == pytest.approx(decay(30))  # a 1-epoch run is adversarial
+    assert [d.budget_at(e, 2) is None for e in (1, 2)] == [False, False]  # t = 15, 45: both adversarial
+    assert [d.budget_at(e, 6) is None for e in range(1, 7)] == [False] * 5 + [True]  # t = 55 is clean
     mnist = DEFENSES.get("tat_dra")(steps=20, p=2 / 3, budget_start=0.1, budget_end=0.1, clean_epochs=0)
     assert [mnist.budget_at(e, 50) for e in (1, 25, 50)] == [pytest.approx(0.1)] * 3
 
@@ -101,7 +114,7 @@ def test_training_step_mixes_clean_and_dra_one_to_one(trained_model, data, make_
     ctx = make_ctx(model)
     ctx.epochs = 60
     k = round(64 / 3)
-    for epoch, budget in [(1, 0.05), (50, 0.01)]:
+    for epoch, budget in [(1, 0.05 - 0.04 * 0.5 / 49), (50, 0.01)]:  # paper times 0.5 and 49.5
         ctx.epoch = epoch
         inputs, modes = [], []
 

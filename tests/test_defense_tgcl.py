@@ -100,9 +100,10 @@ def test_paper_defaults_and_validation():
     c = TGCL().config
     assert (c.beta, c.gamma_align, c.gamma_curriculum) == (2.0, 10.0, 20.0)
     assert (c.phase1_epochs, c.epochs_per_k, c.ks) == (100, 15, (100, 90, 80, 70, 60, 50))
-    assert c.teacher_steps == 7
+    assert c.teacher_steps == 7 and c.teacher_epochs is None
     for bad in ({"ks": [100, 0]}, {"ks": [101]}, {"ks": []}, {"epochs_per_k": -1},
-                {"phase1_epochs": 0, "epochs_per_k": 0}, {"teacher_steps": 0}, {"disc_lr": 0.0}):
+                {"phase1_epochs": 0, "epochs_per_k": 0}, {"teacher_steps": 0}, {"disc_lr": 0.0},
+                {"teacher_epochs": 0}):
         with pytest.raises(BenchError):
             TGCL(**bad)
 
@@ -141,6 +142,22 @@ def test_teacher_is_a_frozen_pgd7_pgd_at_run(tiny_model, make_ctx):
     defense = ready(tiny_model, ctx)
     assert calls == [(("pgd_at",), {"defense_params": {"steps": 7}})]
     assert not defense.teacher.training and not any(p.requires_grad for p in defense.teacher.parameters())
+
+
+def test_teacher_budget_is_a_knob(tiny_model, make_ctx):
+    """`teacher_epochs` sets the teacher run's epochs (`train`); by default it has the run's own."""
+    ctx = make_ctx(tiny_model)
+    calls = []
+
+    def fake_pretrained(defense, **kwargs):
+        calls.append((defense, kwargs))
+        return copy.deepcopy(tiny_model).eval().requires_grad_(False)
+
+    ctx.pretrained = fake_pretrained
+    TGCL().setup(tiny_model, ctx)
+    TGCL(teacher_epochs=3).setup(tiny_model, ctx)
+    assert calls == [("pgd_at", {"defense_params": {"steps": 7}}),
+                     ("pgd_at", {"defense_params": {"steps": 7}, "train": {"epochs": 3}})]
 
 
 def teacher_saliency(teacher, x, y):

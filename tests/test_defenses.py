@@ -5,6 +5,7 @@ backward passes per sample that the trainer's cost accounting reports."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -15,7 +16,8 @@ import torch.nn.functional as F
 import defenses.mart
 import defenses.trades
 from bench.counting import count_passes
-from bench.defense import DEFENSES, load_defenses
+from bench.defense import DEFENSES, Defense, load_defenses, paper_epoch, register_defense
+from bench.errors import BenchError
 from bench.store import Run, Store
 from bench.threat import ThreatModel
 from bench.trainer import RunSpec, build_train_config, train
@@ -42,8 +44,17 @@ def model_for(name: str, ds) -> nn.Module:
     return tiny_cnn(ds, **MODEL_PARAMS.get(name, {}))
 
 
+# The run length of the context the tests below hand a defense: 1 epoch (make_ctx's) unless named
+# here. A 1-epoch P-SAT or H-SAT stands for paper time 50 of 100 (bench.defense.paper_epoch), where
+# H-SAT's λ is 1 (plain PGD-AT, no curvature estimate) and P-SAT's 0.5; epoch 1 of 10 (paper time 5)
+# keeps both in the constrained regime these tests are meant to cover (λ = 0 and λ ≈ 0.83).
+EPOCHS = {"p_sat": 10, "h_sat": 10}
+
+
 def ready(name: str, model: nn.Module, ctx, **params):
-    """The defense with `setup` and `on_epoch_start(1)` done, as the trainer hands it a first batch."""
+    """The defense with `setup` and `on_epoch_start(1)` done, as the trainer hands it a first batch
+    (of a run of EPOCHS.get(name, 1) epochs)."""
+    ctx.epochs = EPOCHS.get(name, ctx.epochs)
     defense = DEFENSES.get(name)(**params)
     defense.setup(model, ctx)
     defense.on_epoch_start(1, ctx)
@@ -141,9 +152,9 @@ MODES = {
     "spat": "F" * 11 + "TT",  # as TRADES: f(x) without grad, 10 PGD steps, then f(x) and f(x')
     "tat_dra": "F" * 5 + "T",  # 5 DRA steps in eval mode, then f([x; x_dra])
     "tgcl": "T",  # one student forward; the teacher's (eval mode) is another module
-    # H-SAT (λ = 0.8 at epoch 1): per PGD step f(x') and f at the shifted weights (one chunk of 32)
+    # H-SAT (λ ≈ 0.83 at epoch 1 of 10): per PGD step f(x') and f at the shifted weights (one chunk of 32)
     "h_sat": "FF" * 10 + "T",
-    # P-SAT (λ = 0 at epoch 1): data dependent; on this batch every sample is misclassified, so
+    # P-SAT (λ = 0 at epoch 1 of 10): data dependent; on this batch every sample is misclassified, so
     # frozen, by step 4 (the stopping rule itself: tests/test_defense_sat.py)
     "p_sat": "F" * 4 + "T",
     "sat_r1": "F" * 8 + "T",  # FGSM, 7 I-FGSM steps (eval, as the authors' code), f([x_fgsm; x_ifgsm])
@@ -154,10 +165,13 @@ MODES = {
     "alp": "F" * 10 + "T",  # 10 PGD steps in eval mode (the authors' code), then f([x; x'])
     "free_at": "T" * 8,  # m = 8 replays of the batch
     "eat": "TT",  # f(x), f(x_fgsm); a static source's forward is another module's
-    # DAT at epoch 1 (c = 0.5): on this fresh model every FOSC at the random start is below c, so one
-    # eval-mode check per sample and no step, then f(x') (the stopping rule: test_defense_baselines_b.py)
+    # DAT at epoch 1 of 1 (c = 0.5·(1 − 0.5·120/100) = 0.2): on this fresh model every FOSC at the
+    # random start is below c, so one eval-mode check per sample and no step, then f(x') (the
+    # stopping rule: test_defense_baselines_b.py)
     "dat": "FT",
-    "cat": "T",  # a 1-epoch run is all lesson 0 (clean batch)
+    # a 1-epoch run is all at full strength K = 7: parts 1-7 of the batch take PGD-1 … PGD-7 (train
+    # mode, as the authors' code), then f(x_mix)
+    "cat": "T" * (sum(range(1, 8)) + 1),
     "awp": "T" * 12,  # 10 PGD steps, ∇_w ρ at w (the proxy), ρ at w + v
     "gairat": "F" * 10 + "T",  # 10 GA-PGD steps (eval, as the authors' code), then f(x')
 }
@@ -198,6 +212,71 @@ def test_paper_defaults():
     assert cfg["trades"].step_ratio * 0.031 == pytest.approx(0.007)
     assert (cfg["mart"].beta, cfg["mart"].steps) == (5.0, 10)
     assert cfg["mart"].step_ratio * 0.031 == pytest.approx(0.007)
+
+
+PGD_LIKE = ("pgd_at", "trades", "mart", "alp", "gairat", "spat", "awp", "dat", "p_sat", "h_sat")
+
+
+@pytest.mark.parametrize("name, params, field", [
+    (name, {field: value}, field)
+    for names, field, value in [
+        (PGD_LIKE, "steps", 0),
+        (PGD_LIKE + ("fast_at", "free_at", "atlas"), "step_ratio", 0.0),
+        (PGD_LIKE + ("fast_at", "free_at"), "step_ratio", -0.25),
+        (("cat",), "max_steps", 0),
+        (("cat",), "step_budget", 0.0),
+        (("trades", "mart", "spat"), "init_std", -0.001),
+    ]
+    for name in names
+])
+def test_bad_attack_parameters_are_refused(name, params, field):
+    """No steps or a non-positive step would silently train on the start point (or walk backwards):
+    a one-line BenchError that names the field."""
+    with pytest.raises(BenchError) as error:
+        DEFENSES.get(name)(**params)
+    message = str(error.value)
+    assert field in message and name in message and "\n" not in message, message
+
+
+def test_paper_epoch_is_the_middle_of_the_covered_paper_epochs():
+    """(epoch − ½)·P/E: symmetric about P/2 for every budget, the identity less ½ at E = P (a step at
+    paper epoch s switches at 1-based epoch s + 1), and inside [0, P) always."""
+    assert [paper_epoch(e, 4, 100) for e in range(1, 5)] == [12.5, 37.5, 62.5, 87.5]
+    assert [paper_epoch(e, 100, 100) for e in (1, 41, 100)] == [0.5, 40.5, 99.5]
+    assert paper_epoch(1, 1, 60) == 30 and paper_epoch(3, 12, 1.0) == pytest.approx(2.5 / 12)
+    for epochs in (1, 2, 3, 7, 200):
+        times = [paper_epoch(e, epochs, 190) for e in range(1, epochs + 1)]
+        assert times == sorted(times) and 0 < times[0] and times[-1] < 190
+        assert times[0] + times[-1] == pytest.approx(190)
+    assert min(e for e in range(1, 101) if paper_epoch(e, 100, 100) >= 40) == 41
+
+
+def test_trainer_puts_the_model_back_in_train_mode_before_every_step(synthetic, tmp_path):
+    """A defense that leaves the model in eval mode loses only that step: the trainer calls
+    model.train() before each training_step, not once per epoch."""
+    modes = []
+
+    class LeaksEvalMode(Defense):
+        @dataclasses.dataclass(frozen=True)
+        class Config:
+            pass
+
+        def training_step(self, model, x, y, ctx):
+            modes.append(model.training)
+            loss = F.cross_entropy(model(x), y)
+            model.eval()  # forgets to switch back
+            return loss
+
+    register_defense("test_leaks_eval_mode")(LeaksEvalMode)
+    try:
+        spec = RunSpec(defense="test_leaks_eval_mode", dataset="synthetic", model="small_cnn",
+                       threat=ThreatModel("Linf", 0.1), train=build_train_config({**ONE_EPOCH, "epochs": 2}),
+                       model_params=TINY, seed=0)
+        train(spec, synthetic, store=Store(str(tmp_path / "results.db")), checkpoint_root=tmp_path / "checkpoints",
+              progress=False)
+    finally:
+        DEFENSES._items.pop("test_leaks_eval_mode", None)
+    assert len(modes) == 2 * 4 and all(modes)  # 256 samples in batches of 64, two epochs
 
 
 # --------------------------------------------------------------------------- pass counting
@@ -241,7 +320,8 @@ def test_paper_defaults():
 #            whose forward / backward (one each) and natural pre-training (its own run) are not counted.
 #   dat      2 / 2 here (see MODES). In general 1 + Σ_k (share of samples still above c_t at check k),
 #            between 2 / 2 and K + 1; data dependent (tests/test_defense_baselines_b.py).
-#   cat      1 / 1 in lesson 0 (checked here). At strength l: 1 + Σ_i i·|part_i|/B ≈ 1 + l/2.
+#   cat      At strength l: 1 + Σ_i i·|part_i|/B ≈ 1 + l/2; 1 / 1 in lesson 0 (clean). Checked here at
+#            l = K = 7 (a 1-epoch run): parts of 32 // 8 = 4, 1 + 4·(1 + … + 7)/32 = 4.5 / 4.5.
 #   awp      12 / 12: 10 steps, ∇_w ρ at w, then ρ at w + v. 11 / 11 during the warm-up (PGD-AT).
 #            TRADES base: 15 / 14 (p(x) without grad, 10 steps, f(x) and f(x') twice).
 #   gairat   11 / 11: 10 steps (κ is counted on the same forwards), then f(x').
@@ -249,7 +329,7 @@ PASSES = {"natural": (1, 1), "fgsm_at": (2, 3), "fast_at": (2, 2), "pgd_at": (11
           "trades": (13, 12), "mart": (12, 12), "spat": (13, 12), "tat_dra": (7, 7), "tgcl": (1, 2),
           "h_sat": (21, 11), "p_sat": (2, 2), "sat_r1": (2.25, 2.25), "sat_r2": (4, 4), "sat_r3": (3, 3),
           "atlas": (3, 4), "jacobian_reg": (1, 2), "alp": (12, 12), "free_at": (8, 8),
-          "eat": (2, 3), "dat": (2, 2), "cat": (1, 1), "awp": (12, 12), "gairat": (11, 11)}
+          "eat": (2, 3), "dat": (2, 2), "cat": (4.5, 4.5), "awp": (12, 12), "gairat": (11, 11)}
 STEPS = {"pgd_at": 10, "trades": 10, "mart": 10, "spat": 10, "tat_dra": 5, "h_sat": 10, "p_sat": 1}
 
 

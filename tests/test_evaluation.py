@@ -109,7 +109,7 @@ def test_rows_hold_per_sample_results_for_every_index(store, checkpoint, data):
         assert row["n_correct"] == sum(correct)
         assert row["robust_acc"] == o.robust_acc == pytest.approx(sum(correct) / N_TEST)
         assert row["checkpoint_sha256"] == sha and row["dataset"] == "synthetic" and row["seed"] == 0
-        assert row["label"] == o.label and row["attack"] == o.attack and row["implementation"] == "atbench"
+        assert row["label"] == o.label and row["attack"] == o.attack and row["implementation"] == ("atbench" if o.attack == "clean" else "atbench r1")
         assert (row["forward_passes"], row["backward_passes"]) == (o.forward_passes, o.backward_passes)
         assert row["versions"].get("torch") == torch.__version__ and row["device"].startswith("cpu")
         assert row["config"]["attack"] == o.attack and row["created_at"] is not None
