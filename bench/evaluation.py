@@ -1,5 +1,6 @@
-"""Evaluation stage for one checkpoint: sanity pre-checks → clean and the attacks (in the order
-given, cheap to expensive) → curves → sanity post-checks, every result stored with provenance.
+"""Evaluation stage for one checkpoint: clean and the attacks (in the order given, cheap to
+expensive) → curves → sanity checks (of the model alone, then of the stored results), every
+result stored with provenance.
 
 An evaluation is identified by (checkpoint sha256, attack, attack config + implementation +
 protocol, sample indices, seed); one that is already stored is skipped unless `force`. Each

@@ -200,7 +200,7 @@ def _records(store, evaluation_ids: Sequence[int]) -> dict[int, Record]:
         per.setdefault(eid, []).append((index, correct, loss if loss is not None else float("nan")))
     out = {}
     for eid, e in rows.items():
-        cls = ATTACKS._items.get(e.attack)
+        cls = ATTACKS.get(e.attack) if e.attack in ATTACKS else None
         values = per.get(eid, [])
         out[eid] = Record(eid, e.label, e.attack, "clean" if e.norm is None else (cls.kind if cls else "unknown"),
                           bool(cls and cls.minimum_norm), e.norm, e.eps,
