@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -73,6 +75,12 @@ def pretrained_root(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("pretrained")
     return Store(str(root / "results.db")), root / "checkpoints"
+
+
+@pytest.fixture
+def trained(trained_model) -> nn.Module:
+    """A private copy of `trained_model` in train mode, as the trainer hands a model to a defense."""
+    return copy.deepcopy(trained_model).train()
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ norm, the losses recomputed from the paper's equations, the adversary and the ε
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -19,9 +18,9 @@ B = 8
 
 
 @pytest.fixture
-def model(trained_model):
+def model(trained):
     """A private copy of the trained tiny CNN (no BatchNorm, so per-sample Jacobians are exact), in train mode."""
-    return copy.deepcopy(trained_model).train()
+    return trained
 
 
 @pytest.fixture(scope="module")

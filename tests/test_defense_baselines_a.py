@@ -19,9 +19,9 @@ B = 32
 
 
 @pytest.fixture
-def model(trained_model):
+def model(trained):
     """A private copy of the trained tiny CNN, in train mode."""
-    return copy.deepcopy(trained_model).train()
+    return trained
 
 
 @pytest.fixture(scope="module")

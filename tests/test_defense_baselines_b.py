@@ -28,11 +28,6 @@ def data(synthetic):
     return synthetic.train_x[:B].clone(), synthetic.train_y[:B].clone()
 
 
-@pytest.fixture
-def trained(trained_model):
-    """A private copy of the trained tiny model, in train mode (it has no BatchNorm or dropout)."""
-    return copy.deepcopy(trained_model).train()
-
 
 def at_epoch(ctx, epoch: int, epochs: int):
     ctx.epoch, ctx.epochs = epoch, epochs

@@ -4,7 +4,6 @@ backward passes per sample that the trainer's cost accounting reports."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 
@@ -32,11 +31,6 @@ B = 32
 def data(synthetic):
     return synthetic.train_x[:B].clone(), synthetic.train_y[:B].clone()
 
-
-@pytest.fixture
-def trained(trained_model):
-    """A private copy of the trained model, in train mode as the trainer hands it to a defense."""
-    return copy.deepcopy(trained_model).train()
 
 
 def model_for(name: str, ds) -> nn.Module:
