@@ -19,12 +19,15 @@ from typing import Callable, ClassVar
 import torch
 import torch.nn as nn
 
-from attacks.pgd import Observer, ascent_step, ce_loss, margin_loss, per_sample, project
-from bench.attack import Attack, register_attack
-from bench.errors import BenchError
+from bench.adversary.ball import ascent_step, per_sample, project, sphere_start
+from bench.adversary.losses import ce_loss, margin_loss
+from bench.adversary.pgd import Observer
+from bench.core.attack import Attack, register_attack
+from bench.core.config import require
+from bench.core.errors import BenchError
 
 MOMENTUM = 0.75  # α of the momentum update (Sec. 3.1); the first step has none (α = 1)
-GUARD = 1e-12  # the official code's guard against dividing by zero (DLR, random start)
+GUARD = 1e-12  # the official code's guard against dividing by zero in the DLR losses
 
 
 def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -54,19 +57,6 @@ def checkpoints(steps: int) -> list[int]:
         window = max(window - shrink, least)
         at += window
     return out
-
-
-def apgd_start(x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
-    """The official random start: Linf x + eps·t/‖t‖∞ with t ~ U[−1, 1] (one pixel at ±eps);
-    L2 x + eps·t/‖t‖₂ with t ~ N(0, I) (on the sphere); then clipped to [0, 1]. The official FAB
-    draws its restarts the same way, at radius restart_scale·eps (see `fab`)."""
-    if norm == "Linf":
-        t = 2 * torch.rand(x.shape, device=x.device, dtype=x.dtype) - 1
-        t = t / (per_sample(t.flatten(1).abs().amax(1), x) + GUARD)
-    else:
-        t = torch.randn(x.shape, device=x.device, dtype=x.dtype)
-        t = t / (per_sample(t.flatten(1).norm(p=2, dim=1), x) + GUARD)
-    return (x + eps * t).clamp(0, 1)
 
 
 def _project(z: torch.Tensor, x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
@@ -106,7 +96,7 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Loss, *, n
     forward and eot_iter·steps backward passes per sample.
     """
     x = x.detach()
-    x_adv = apgd_start(x, norm, eps)
+    x_adv = sphere_start(x, norm, eps)
     grad, logits, loss = _evaluate(model, x_adv, loss_fn, eot_iter, True)
     if observe is not None:
         observe(logits, loss)
@@ -164,6 +154,7 @@ class APGD(Attack):
     Defaults (AutoAttack's): 100 steps, 1 restart, ρ = 0.75, no EOT, Linf 8/255.
     """
 
+    iterative = True
     loss_name: ClassVar[str]
     min_classes: ClassVar[int] = 2
 
@@ -176,14 +167,8 @@ class APGD(Attack):
         rho: float = 0.75
         eot_iter: int = 1
 
-    def __init__(self, **params):
-        super().__init__(**params)
-        c = self.config
-        if c.steps < 1 or c.restarts < 1 or c.eot_iter < 1:
-            raise BenchError(f"attack {self.name!r} needs steps, restarts and eot_iter >= 1, "
-                             f"got steps={c.steps}, restarts={c.restarts}, eot_iter={c.eot_iter}")
-        if not 0 < c.rho <= 1:
-            raise BenchError(f"attack {self.name!r} needs 0 < rho <= 1, got {c.rho}")
+        def __post_init__(self):
+            require(self, at_least_one=("steps", "restarts", "eot_iter"), positive=("rho",), fraction=("rho",))
 
     def losses(self, logits: torch.Tensor, y: torch.Tensor) -> list[Callable[[torch.Tensor], Loss]]:
         """One entry per run series (per target for APGD-T): given the positions of the samples it
@@ -257,10 +242,9 @@ class APGDT(APGD):
     class Config(APGD.Config):
         n_target_classes: int = 9
 
-    def __init__(self, **params):
-        super().__init__(**params)
-        if self.config.n_target_classes < 1:
-            raise BenchError(f"attack 'apgd_t' needs n_target_classes >= 1, got {self.config.n_target_classes}")
+        def __post_init__(self):
+            super().__post_init__()
+            require(self, at_least_one=("n_target_classes",))
 
     def losses(self, logits, y):
         ranked = logits.sort(dim=1).indices  # ascending, as the official code: target k is column −k

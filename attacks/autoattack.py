@@ -14,17 +14,18 @@ from dataclasses import dataclass
 
 import torch
 
-from attacks.apgd import APGDDLR, APGDT
-from bench.attack import ATTACKS, Attack, TraceStep, load_attacks, register_attack
-from bench.errors import BenchError
-from bench.threat import BALL_TOLERANCE, perturbation_norms
+from bench.core.attack import ATTACKS, Attack, TraceStep, register_attack
+from bench.core.config import require, require_choice
+from bench.core.errors import BenchError
+from bench.core.threat import BALL_TOLERANCE, perturbation_norms
 
 VERSIONS = {
     "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
     "plus": ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"),
     "rand": ("apgd-ce", "apgd-dlr"),
 }
-MIN_CLASSES = {"apgd-dlr": APGDDLR.min_classes, "apgd-t": APGDT.min_classes}  # where the DLR losses are defined
+COMPONENTS = {"apgd-ce": "apgd_ce", "apgd-dlr": "apgd_dlr", "apgd-t": "apgd_t", "fab": "fab", "fab-t": "fab",
+              "square": "square"}  # label in the official code -> registered attack
 
 
 def official_version() -> str | None:
@@ -68,6 +69,9 @@ class AutoAttack(Attack):
     """
 
     revision = 2  # 2: Square without the rescaled p schedule, as the official AutoAttack
+    parts = tuple(sorted(set(COMPONENTS.values())))
+    iterative = True
+    ensemble = True
 
     @dataclass(frozen=True)
     class Config:
@@ -80,21 +84,18 @@ class AutoAttack(Attack):
         n_target_classes: int = 9
         eot_iter: int = 20
 
+        def __post_init__(self):
+            require_choice(self.version, VERSIONS, "version")
+            require(self, at_least_one=("apgd_steps", "fab_steps", "square_queries", "n_target_classes", "eot_iter"))
+
     def __init__(self, **params):
         super().__init__(**params)
-        c = self.config
-        if c.version not in VERSIONS:
-            raise BenchError(f"unknown version {c.version!r} for attack 'autoattack'; accepted: {', '.join(VERSIONS)}")
-        if min(c.apgd_steps, c.fab_steps, c.square_queries, c.n_target_classes, c.eot_iter) < 1:
-            raise BenchError("attack 'autoattack' needs apgd_steps, fab_steps, square_queries, n_target_classes "
-                             f"and eot_iter >= 1, got {c}")
         version = official_version()
         self.official = version is not None
         if self.official:
             self.implementation = f"autoattack {version} (official)"
         else:
-            load_attacks()
-            self.components(c.n_target_classes + 1)  # a missing component or a bad parameter fails here
+            self.components(self.config.n_target_classes + 1)  # a missing component or a bad parameter fails here
 
     def plan(self, num_classes: int) -> tuple[dict[str, tuple[str, dict]], list[str]]:
         """The components of this version for a `num_classes` model, in order, as {label: (registered
@@ -118,7 +119,7 @@ class AutoAttack(Attack):
         run, skipped = {}, []
         for label in VERSIONS[c.version]:
             name, params = table[label]
-            if num_classes < MIN_CLASSES.get(label, 2):
+            if num_classes < getattr(ATTACKS.get(name), "min_classes", 2):
                 skipped.append(label)
             else:
                 run[label] = (name, params)

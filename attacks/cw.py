@@ -9,17 +9,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from attacks.pgd import PGD, margin_loss, per_sample
-from bench.attack import Attack, register_attack
-from bench.errors import BenchError
-from bench.threat import perturbation_norms
+from bench.adversary.ball import per_sample
+from bench.adversary.losses import margin_loss
+from bench.adversary.pgd import pgd_with_restarts
+from bench.core.attack import Attack, register_attack
+from bench.core.config import require
+from bench.core.errors import BenchError
+from bench.core.threat import perturbation_norms
 
 TANH_SHRINK = 1 - 1e-6  # atanh of (2x − 1)·shrink is finite at x = 0 and 1 (Carlini's arctanh(x·1.999999))
 NO_BOUND = 1e10  # Carlini's "no upper bound on c yet"
 
 
 @register_attack("cw_linf")
-class CWLinf(PGD):
+class CWLinf(Attack):
     """CW∞: PGD maximizing the C&W margin max_{j≠y} z_j − z_y in the L∞ ball, the "CW∞" that TRADES
     (Zhang et al. 2019) and MART (Wang et al. 2020) report.
 
@@ -32,6 +35,7 @@ class CWLinf(PGD):
 
     norms = ("Linf",)
     norm_hint = "for L2 use pgd with loss=cw"
+    iterative = True
 
     @dataclass(frozen=True)
     class Config:
@@ -43,16 +47,21 @@ class CWLinf(PGD):
         restarts: int = 1
         loss: str = "cw"
 
-    def __init__(self, **params):
-        super().__init__(**params)
-        if self.config.loss != "cw":
-            raise BenchError(f"attack 'cw_linf' uses the C&W margin loss, got loss={self.config.loss!r}; "
-                             "for cross-entropy use pgd")
+        def __post_init__(self):
+            if self.loss != "cw":
+                raise BenchError(f"cw_linf uses the C&W margin loss, got loss={self.loss!r}; for cross-entropy use pgd")
+            require(self, at_least_one=("steps", "restarts"), positive=("step_size",))
 
     @property
     def step_size(self) -> float:
         c = self.config
         return c.step_size if c.step_size is not None else c.eps / 10
+
+    def perturb(self, model, x, y):
+        c = self.config
+        return pgd_with_restarts(model, x, y, margin_loss, eps=c.eps, norm=c.norm, steps=c.steps,
+                                 step_size=self.step_size, uniform_start=c.random_start, restarts=c.restarts,
+                                 observe=lambda logits, losses: self.observe(logits, y, losses))
 
 
 @register_attack("cw_l2")
@@ -74,6 +83,7 @@ class CWL2(Attack):
     """
 
     minimum_norm = True
+    iterative = True
     norms = ("L2",)
     norm_hint = "for Linf use cw_linf"
 
@@ -88,13 +98,9 @@ class CWL2(Attack):
         confidence: float = 0.0
         abort_early: bool = True
 
-    def __init__(self, **params):
-        super().__init__(**params)
-        c = self.config
-        if c.steps < 1 or c.binary_steps < 1 or not (c.lr > 0 and c.initial_const > 0 and c.confidence >= 0):
-            raise BenchError(f"attack 'cw_l2' needs steps >= 1, binary_steps >= 1, lr > 0, initial_const > 0 and "
-                             f"confidence >= 0, got steps={c.steps}, binary_steps={c.binary_steps}, lr={c.lr}, "
-                             f"initial_const={c.initial_const}, confidence={c.confidence}")
+        def __post_init__(self):
+            require(self, at_least_one=("steps", "binary_steps"), positive=("lr", "initial_const"),
+                    non_negative=("confidence",))
 
     def perturb(self, model, x, y):
         c = self.config

@@ -7,9 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
-from attacks.pgd import other_classes, per_sample
-from bench.attack import Attack, register_attack
-from bench.errors import BenchError
+from bench.adversary.ball import per_sample
+from bench.adversary.losses import other_classes
+from bench.core.attack import Attack, register_attack
+from bench.core.config import require
+from bench.core.errors import BenchError
 
 STEP_MARGIN = 1e-4  # the official code steps (pert + 1e-4)·w/‖w‖, just across the linearized boundary
 
@@ -32,6 +34,7 @@ class DeepFool(Attack):
 
     minimum_norm = True
     norms = ("L2", "Linf")
+    iterative = True
 
     @dataclass(frozen=True)
     class Config:
@@ -41,12 +44,10 @@ class DeepFool(Attack):
         overshoot: float = 0.02
         candidates: int = 10
 
-    def __init__(self, **params):
-        super().__init__(**params)
-        c = self.config
-        if c.steps < 1 or c.candidates < 2 or not c.overshoot >= 0:
-            raise BenchError(f"attack 'deepfool' needs steps >= 1, candidates >= 2 and overshoot >= 0, "
-                             f"got steps={c.steps}, candidates={c.candidates}, overshoot={c.overshoot}")
+        def __post_init__(self):
+            require(self, at_least_one=("steps",), non_negative=("overshoot",))
+            if self.candidates < 2:
+                raise BenchError(f"candidates must be >= 2, got {self.candidates}")
 
     def perturb(self, model, x, y):
         c = self.config

@@ -15,11 +15,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attacks.apgd import apgd_start
-from attacks.pgd import per_sample
-from bench.attack import Attack, register_attack
-from bench.errors import BenchError
-from bench.threat import perturbation_norms
+from bench.adversary.ball import per_sample, sphere_start
+from bench.core.attack import Attack, register_attack
+from bench.core.config import require
+from bench.core.errors import BenchError
+from bench.core.threat import perturbation_norms
 
 DIST_EPS = 1e-12  # the official guard in |f_k| / ‖∇f_k‖ (distance to each linearized boundary)
 STEP_FLOOR = 1e-8  # the official floor on ‖d‖ in the bias α = ‖d₁‖ / (‖d₁‖ + ‖d₂‖)
@@ -115,7 +115,7 @@ class FAB(Attack):
     As the official `perturb`, `eps` is only used between runs: later restarts and targets run only
     on samples without an adversarial point within eps, and a restart (every run but the first of
     each target) starts at x + restart_scale·eps·t/‖t‖ with t ~ U[−1, 1]^D (Linf) or N(0, I) (L2),
-    clipped to [0, 1]: APGD's start (`apgd_start`) at that radius. (The official radius is min(best
+    clipped to [0, 1]: APGD's start (`sphere_start`) at that radius. (The official radius is min(best
     norm so far, eps)·0.5; restarts only run where the best is beyond eps, so it is eps·0.5.) The
     point returned is the closest of all runs.
 
@@ -128,6 +128,7 @@ class FAB(Attack):
     """
 
     minimum_norm = True
+    iterative = True
 
     @dataclass(frozen=True)
     class Config:
@@ -142,16 +143,12 @@ class FAB(Attack):
         beta: float = 0.9
         restart_scale: float = 0.5
 
-    def __init__(self, **params):
-        super().__init__(**params)
-        c = self.config
-        if c.steps < 1 or c.restarts < 1 or c.n_target_classes < 1:
-            raise BenchError(f"attack 'fab' needs steps, restarts and n_target_classes >= 1, got steps={c.steps}, "
-                             f"restarts={c.restarts}, n_target_classes={c.n_target_classes}")
-        if not (0 <= c.alpha_max <= 1 and c.eta >= 1 and 0 < c.beta < 1 and 0 < c.restart_scale <= 1):
-            raise BenchError(f"attack 'fab' needs 0 <= alpha_max <= 1, eta >= 1, 0 < beta < 1 and "
-                             f"0 < restart_scale <= 1, got alpha_max={c.alpha_max}, eta={c.eta}, beta={c.beta}, "
-                             f"restart_scale={c.restart_scale}")
+        def __post_init__(self):
+            require(self, at_least_one=("steps", "restarts", "n_target_classes"), fraction=("alpha_max",),
+                    positive=("beta", "restart_scale"))
+            if not (self.eta >= 1 and self.beta < 1 and self.restart_scale <= 1):
+                raise BenchError(f"eta must be >= 1, beta < 1 and restart_scale <= 1, got eta={self.eta}, "
+                                 f"beta={self.beta}, restart_scale={self.restart_scale}")
 
     def attack_robust(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         c = self.config
@@ -171,7 +168,7 @@ class FAB(Attack):
                 if idx.numel() == 0:
                     return best
                 x0 = x[idx]
-                start = x0 if restart == 0 else apgd_start(x0, c.norm, c.restart_scale * c.eps)
+                start = x0 if restart == 0 else sphere_start(x0, c.norm, c.restart_scale * c.eps)
                 adv, dist = self._run(model, x0, y[idx], classes[idx], start, idx)
                 closer = dist < best_norm[idx]
                 best[idx] = torch.where(per_sample(closer, adv), adv, best[idx])

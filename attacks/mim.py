@@ -6,9 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
-from attacks.pgd import ascent_step, ce_loss, input_gradient, per_sample, project
-from bench.attack import Attack, register_attack
-from bench.errors import BenchError
+from bench.adversary.ball import ascent_step, per_sample, project
+from bench.adversary.losses import ce_loss
+from bench.adversary.pgd import input_gradient
+from bench.core.attack import Attack, register_attack
+from bench.core.config import require
 
 
 @register_attack("mim")
@@ -19,6 +21,8 @@ class MIM(Attack):
     For L2 the step follows g/‖g‖₂ instead of its sign (the paper's L2 variant).
     """
 
+    iterative = True
+
     @dataclass(frozen=True)
     class Config:
         norm: str = "Linf"
@@ -27,11 +31,8 @@ class MIM(Attack):
         momentum: float = 1.0
         step_size: float | None = None
 
-    def __init__(self, **params):
-        super().__init__(**params)
-        c = self.config
-        if c.steps < 1 or (c.step_size is not None and not c.step_size > 0):
-            raise BenchError(f"attack 'mim' needs steps >= 1 and step_size > 0, got steps={c.steps}, step_size={c.step_size}")
+        def __post_init__(self):
+            require(self, at_least_one=("steps",), positive=("step_size",))
 
     def perturb(self, model, x, y):
         c = self.config

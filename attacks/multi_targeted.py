@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from attacks.pgd import ascent_step, other_classes, project, random_start
-from bench.attack import Attack, register_attack
-from bench.errors import BenchError
+from bench.adversary.ball import ascent_step, project, random_start
+from bench.adversary.losses import other_classes
+from bench.core.attack import Attack, register_attack
+from bench.core.config import require
 
 DECAY_AT = (0.5, 0.75)  # fractions of the steps after which the step size drops 10×
 
@@ -39,6 +40,7 @@ class MultiTargeted(Attack):
     """
 
     revision = 2  # 2: clean-misclassified samples are no longer attacked
+    iterative = True
 
     @dataclass(frozen=True)
     class Config:
@@ -49,13 +51,8 @@ class MultiTargeted(Attack):
         targets: int = 0
         step_size: float | None = None
 
-    def __init__(self, **params):
-        super().__init__(**params)
-        c = self.config
-        if c.steps < 1 or c.restarts < 1 or c.targets < 0 or (c.step_size is not None and not c.step_size > 0):
-            raise BenchError(f"attack 'multi_targeted' needs steps >= 1, restarts >= 1, targets >= 0 (0: all) and "
-                             f"step_size > 0, got steps={c.steps}, restarts={c.restarts}, targets={c.targets}, "
-                             f"step_size={c.step_size}")
+        def __post_init__(self):
+            require(self, at_least_one=("steps", "restarts"), non_negative=("targets",), positive=("step_size",))
 
     def step_sizes(self) -> list[float]:
         """The step size at each of the `steps` steps: `step_size` (default eps/4), 10× smaller after

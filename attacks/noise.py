@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from attacks.pgd import l2_norm, per_sample
-from bench.attack import Attack, register_attack
-from bench.errors import BenchError
+from bench.adversary.ball import l2_norm, per_sample
+from bench.core.attack import Attack, register_attack
+from bench.core.config import require
 
 
 def uniform_in_ball(x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
@@ -43,10 +43,9 @@ class Noise(Attack):
         eps: float = 8 / 255
         draws: int = 100
 
-    def __init__(self, **params):
-        super().__init__(**params)
-        if self.config.draws < 1:
-            raise BenchError(f"attack 'noise' needs draws >= 1, got {self.config.draws}")
+        def __post_init__(self):
+            require(self, at_least_one=("draws",))
+
 
     @torch.no_grad()
     def perturb(self, model, x, y):

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.attack import Attack, register_attack
-from bench.errors import BenchError
-from bench.threat import perturbation_norms
+from bench.core.attack import Attack, register_attack
+from bench.core.config import require
+from bench.core.threat import perturbation_norms
 
 BINARY_TOL = 1e-3  # the official code's bisection tolerance, on the L2 length r·√d of the ray's step
 
@@ -45,6 +45,7 @@ class RayS(Attack):
     kind = "decision"
     minimum_norm = True
     norms = ("Linf",)
+    iterative = True
 
     @dataclass(frozen=True)
     class Config:
@@ -53,11 +54,9 @@ class RayS(Attack):
         queries: int = 40000
         early_stop: bool = False
 
-    def __init__(self, **params):
-        super().__init__(**params)
-        c = self.config
-        if c.queries < 1:
-            raise BenchError(f"attack 'rays' needs queries >= 1, got {c.queries}")
+        def __post_init__(self):
+            require(self, at_least_one=("queries",))
+
 
     @torch.no_grad()
     def perturb(self, model, x, y):

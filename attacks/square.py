@@ -18,9 +18,11 @@ from functools import lru_cache
 import torch
 import torch.nn as nn
 
-from attacks.pgd import margin_loss, per_sample
-from bench.attack import Attack, register_attack
-from bench.errors import BenchError
+from bench.adversary.ball import per_sample
+from bench.adversary.losses import margin_loss
+from bench.core.attack import Attack, register_attack
+from bench.core.config import require
+from bench.core.errors import BenchError
 
 NORM_EPS = 1e-12  # the official guard when normalizing a perturbation
 HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)  # p halves after these of 10,000 iterations
@@ -107,6 +109,7 @@ class Square(Attack):
     """
 
     kind = "score"
+    iterative = True
 
     @dataclass(frozen=True)
     class Config:
@@ -117,12 +120,8 @@ class Square(Attack):
         restarts: int = 1
         rescale_schedule: bool = True
 
-    def __init__(self, **params):
-        super().__init__(**params)
-        c = self.config
-        if c.queries < 1 or c.restarts < 1 or not 0 < c.p_init <= 1:
-            raise BenchError(f"attack 'square' needs queries >= 1, restarts >= 1 and 0 < p_init <= 1, "
-                             f"got queries={c.queries}, restarts={c.restarts}, p_init={c.p_init}")
+        def __post_init__(self):
+            require(self, at_least_one=("queries", "restarts"), positive=("p_init",), fraction=("p_init",))
 
     def attack_robust(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         c = self.config

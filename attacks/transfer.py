@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from attacks.pgd import PGD
-from bench.attack import Attack, register_attack
-from bench.errors import BenchError
+from bench.core.attack import ATTACKS, Attack, register_attack
+from bench.core.config import require
+from bench.core.errors import BenchError
 
 
 @register_attack("transfer")
@@ -26,6 +26,8 @@ class Transfer(Attack):
     """
 
     kind = "transfer"
+    parts = ("pgd",)
+    pretrained_defenses = ("natural",)
 
     @dataclass(frozen=True)
     class Config:
@@ -40,13 +42,13 @@ class Transfer(Attack):
         steps: int = 20
         loss: str = "ce"
 
+        def __post_init__(self):
+            require(self, at_least_one=("surrogate_epochs", "surrogate_batch_size"), positive=("surrogate_lr",))
+
     def __init__(self, **params):
         super().__init__(**params)
         c = self.config
-        if c.surrogate_epochs < 1 or c.surrogate_batch_size < 1 or not c.surrogate_lr > 0:
-            raise BenchError(f"attack 'transfer' needs surrogate_epochs >= 1, surrogate_batch_size >= 1 and "
-                             f"surrogate_lr > 0, got {c.surrogate_epochs}, {c.surrogate_batch_size}, {c.surrogate_lr}")
-        self.pgd = PGD(norm=c.norm, eps=c.eps, steps=c.steps, loss=c.loss)
+        self.pgd = ATTACKS.get("pgd")(norm=c.norm, eps=c.eps, steps=c.steps, loss=c.loss)
         self.surrogate = None
 
     def prepare(self, ctx):

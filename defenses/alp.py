@@ -7,9 +7,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from attacks.pgd import ce_loss, pgd, random_start
-from bench.defense import Defense, check_fields, register_defense
-from bench.models import eval_mode
+from bench.adversary.ball import random_start
+from bench.adversary.losses import ce_loss
+from bench.adversary.pgd import pgd
+from bench.core.config import require
+from bench.core.defense import Defense, register_defense
+from bench.core.models import eval_mode
 
 
 @register_defense("alp")
@@ -36,7 +39,7 @@ class ALP(Defense):
         step_ratio: float = 0.125  # step size / ε (2/255 at 16/255)
 
         def __post_init__(self):
-            check_fields(self, at_least_one=("steps",), positive=("step_ratio",), non_negative=("pairing_weight",))
+            require(self, at_least_one=("steps",), positive=("step_ratio",), non_negative=("pairing_weight",))
 
     def training_step(self, model, x, y, ctx):
         c, eps, norm = self.config, ctx.threat.eps, ctx.threat.norm

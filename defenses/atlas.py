@@ -7,11 +7,12 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from attacks.pgd import ce_loss, pgd, random_start
-from bench.defense import Defense, register_defense
-from bench.errors import BenchError
-from defenses.jacobian_reg import jacobian_norm_sq
-from defenses.trades import kl_per_sample
+from bench.adversary.ball import random_start
+from bench.adversary.losses import ce_loss, kl_per_sample
+from bench.adversary.pgd import pgd
+from bench.adversary.regularizers import jacobian_norm_sq
+from bench.core.config import require
+from bench.core.defense import Defense, register_defense
 
 
 @register_defense("atlas")
@@ -19,7 +20,7 @@ class ATLAS(Defense):
     """Eq. (14): CE(f(x'), y) + α·‖J(x')‖²_F + β·KL(p(x') ‖ p(x)), the local term (Eq. (12)) and
     the global term (Eq. (13)) both centred on the adversary x'. J = ∂f/∂x' is the Jacobian of the
     logits w.r.t. the pixels, estimated with one random projection (Sec. 5.1, Hoffman et al. 2019;
-    `jacobian_reg.jacobian_norm_sq`). Gradients flow through every term, p(x) included.
+    `bench.adversary.regularizers.jacobian_norm_sq`). Gradients flow through every term, p(x) included.
 
     x' (Sec. 6 "Methods"): one-step ATLAS takes FGSM on the cross-entropy from a uniform random
     start with step 1.25ε (App. B.1), projected to the ε ball and [0, 1] (as `fast_at`); the
@@ -36,7 +37,7 @@ class ATLAS(Defense):
     exactly 15 at 30. The paper does not give the ramp's shape; ε grows linearly per optimization
     step from 0 at the first step, which at epoch starts is the linear per-epoch ramp and stays
     smooth on short budgets. This is the per-step (continuous) form of the mapping the per-epoch
-    schedules use (`bench.defense.paper_epoch`: run time proportional to paper time): step s of
+    schedules use (`bench.core.schedules.paper_epoch`: run time proportional to paper time): step s of
     S = ctx.epochs·ctx.steps_per_epoch stands for paper time s·paper_epochs/S, read at the step's
     start rather than at an epoch's middle (half a step apart), so the first step trains at ε = 0
     as the paper's ramp starts. `ramp_epochs = 0` turns it off.
@@ -53,11 +54,8 @@ class ATLAS(Defense):
         paper_epochs: float = 30.0
 
         def __post_init__(self):
-            if self.steps < 1 or self.projections < 1 or self.ramp_epochs < 0 or not self.paper_epochs > 0:
-                raise BenchError(f"atlas needs steps >= 1, projections >= 1, ramp_epochs >= 0 and paper_epochs > 0; "
-                                 f"got {self.steps}, {self.projections}, {self.ramp_epochs}, {self.paper_epochs}")
-            if not self.step_ratio > 0:
-                raise BenchError(f"atlas needs step_ratio > 0, got {self.step_ratio}")
+            require(self, at_least_one=("steps", "projections"), non_negative=("ramp_epochs",),
+                    positive=("paper_epochs", "step_ratio"))
 
     def eps_scale(self, ctx) -> float:
         """ε/ε_final at this step: 0 at step 0, 1 after ramp_epochs·ctx.epochs/paper_epochs epochs."""

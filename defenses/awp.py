@@ -7,9 +7,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bench.defense import Defense, check_fields, paper_epoch, register_defense
-from defenses.pgd_at import pgd_at_adversary
-from defenses.trades import INIT_STD, trades_adversary, trades_loss
+from bench.adversary.training import TRADES_INIT_STD, pgd_at_adversary, trades_adversary, trades_loss
+from bench.core.config import require, require_choice
+from bench.core.defense import Defense, register_defense
+from bench.core.schedules import paper_epoch
 
 BASES = ("pgd_at", "trades")
 DIV_EPS = 1e-20  # the authors' guard against a zero gradient norm
@@ -30,7 +31,7 @@ class AWP(Defense):
 
     Choices where the paper is silent or the code differs:
     - Warm-up: plain base training while the run's epoch stands for a paper time before
-      `start_fraction` of training (`bench.defense.paper_epoch`: epoch e of E is active once
+      `start_fraction` of training (`bench.core.schedules.paper_epoch`: epoch e of E is active once
       (e − ½)/E ≥ start_fraction), AWP from then on; the default 10/200 is the TRADES-AWP code's
       `--awp-warmup 10` of 200 epochs, so at E = 200 epochs 1-10 warm up (its γ is also
       5e-3; the AT-AWP code's defaults are warm-up 0 and γ = 1e-2). A model still at chance may not
@@ -38,8 +39,8 @@ class AWP(Defense):
       1, and trains with `start_fraction` = 0.3): short budgets may need a longer warm-up.
     - The authors compute g on a proxy copy of the model so that BatchNorm statistics are untouched;
       here g comes from the model itself (so the pass is counted) and its buffers are restored after.
-    - x' and ρ are the bases' own (`pgd_at.pgd_at_adversary`; `trades.trades_adversary` with TRADES'
-      start x + 0.001·N(0, I), `trades.trades_loss`), so modes are as the bases' code: PGD-AT attacks
+    - x' and ρ are the bases' own (`bench.adversary.training`: `pgd_at_adversary`; `trades_adversary` with TRADES'
+      start x + 0.001·N(0, I), `trades_loss`), so modes are as the bases' code: PGD-AT attacks
       in train mode, TRADES in eval mode; g and the loss in train mode.
     """
 
@@ -53,9 +54,8 @@ class AWP(Defense):
         beta: float = 6.0  # TRADES only
 
         def __post_init__(self):
-            if self.base not in BASES:
-                raise ValueError(f"base must be one of {', '.join(BASES)}, got {self.base!r}")
-            check_fields(self, at_least_one=("steps",), positive=("step_ratio",),
+            require_choice(self.base, BASES, "base")
+            require(self, at_least_one=("steps",), positive=("step_ratio",),
                          non_negative=("gamma", "start_fraction", "beta"))
 
     def __init__(self, **params):
@@ -71,7 +71,7 @@ class AWP(Defense):
         if c.base == "pgd_at":
             return pgd_at_adversary(model, x, y, eps=eps, norm=norm, steps=c.steps, step_size=c.step_ratio * eps)
         return trades_adversary(model, x, eps=eps, norm=norm, steps=c.steps, step_size=c.step_ratio * eps,
-                                init_std=INIT_STD)
+                                init_std=TRADES_INIT_STD)
 
     def objective(self, model, x, x_adv, y) -> torch.Tensor:
         """ρ: the base method's outer loss."""

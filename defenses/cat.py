@@ -7,8 +7,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from attacks.pgd import ce_loss, pgd, random_start
-from bench.defense import Defense, check_fields, register_defense
+from bench.adversary.ball import random_start
+from bench.adversary.losses import ce_loss
+from bench.adversary.pgd import pgd
+from bench.core.config import require
+from bench.core.defense import Defense, register_defense
 
 
 @register_defense("cat")
@@ -29,7 +32,7 @@ class CAT(Defense):
       code: 10 epochs' patience, then back to the lesson's best model; without validation, once the
       training accuracy exceeds 95%). The trainer does not show defenses the validation split, and a
       plateau rule need not finish the curriculum within a benchmark's budget. Here the lesson is a
-      function of the epoch (lessons are not paper epochs, so `bench.defense.paper_epoch` does not
+      function of the epoch (lessons are not paper epochs, so `bench.core.schedules.paper_epoch` does not
       apply): epoch e (1-based) of E trains at l = round((e − 1)·K/(E − 1)), rounded half up, and a
       1-epoch run at l = K. So l never decreases, epoch 1 is clean (E ≥ 2) and the last epoch always
       trains at full strength K; the inner lessons get about (E − 1)/K epochs each, the first and the
@@ -46,7 +49,7 @@ class CAT(Defense):
         step_spread: float = 10.0  # u ~ U(1, step_spread / i)
 
         def __post_init__(self):
-            check_fields(self, at_least_one=("max_steps",), positive=("step_budget", "step_spread"))
+            require(self, at_least_one=("max_steps",), positive=("step_budget", "step_spread"))
 
     def strength(self, epoch: int, epochs: int) -> int:
         """The lesson l of the 1-based `epoch` of `epochs`."""

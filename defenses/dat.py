@@ -7,9 +7,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from attacks.pgd import ce_loss, pgd_with_stopping, random_start
-from bench.defense import Defense, check_fields, paper_epoch, register_defense
-from bench.models import eval_mode
+from bench.adversary.ball import random_start
+from bench.adversary.losses import ce_loss
+from bench.adversary.pgd import pgd_with_stopping
+from bench.core.config import require
+from bench.core.defense import Defense, register_defense
+from bench.core.models import eval_mode
+from bench.core.schedules import paper_epoch
 
 
 def fosc(grad: torch.Tensor, x_adv: torch.Tensor, x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
@@ -31,7 +35,7 @@ class DAT(Defense):
     Defaults (Sec. 5 and the authors' CIFAR-10 code): c_max = 0.5, T' = 100 of T = 120 epochs,
     at most K = 10 steps of ε/4 (2/255 at ε = 8/255). Under a budget of E epochs, epoch e (1-based)
     takes c = max(c_max·(1 − f/`control_fraction`), 0) at the fraction of training f = (e − ½)/E it
-    stands for (`bench.defense.paper_epoch`), the control fraction T'/T being the code's 100/120 by
+    stands for (`bench.core.schedules.paper_epoch`), the control fraction T'/T being the code's 100/120 by
     default: c starts just under c_max and reaches 0 in the epoch whose middle passes T'. c_max is
     on the scale of ε·‖∇ₓCE‖₁ on CIFAR-10 at 8/255: retune it for other datasets or eps.
 
@@ -54,7 +58,7 @@ class DAT(Defense):
         step_ratio: float = 0.25  # step size / ε
 
         def __post_init__(self):
-            check_fields(self, at_least_one=("steps",), positive=("control_fraction", "step_ratio"),
+            require(self, at_least_one=("steps",), positive=("control_fraction", "step_ratio"),
                          non_negative=("c_max",))
 
     def threshold(self, epoch: int, epochs: int) -> float:

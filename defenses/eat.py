@@ -7,9 +7,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from attacks.pgd import ascent_step, ce_loss, input_gradient, project
-from bench.defense import Defense, check_fields, register_defense
-from bench.models import MODELS
+from bench.adversary.ball import ascent_step, project
+from bench.adversary.losses import ce_loss
+from bench.adversary.pgd import input_gradient
+from bench.core.config import require
+from bench.core.defense import Defense, register_defense
+from bench.core.errors import BenchError
+from bench.core.models import MODELS
 
 SAME = "same"  # a static model with the run's own architecture (and its model parameters)
 
@@ -42,6 +46,8 @@ class EAT(Defense):
       backward of its static model (the paper notes these could be precomputed without augmentation).
     """
 
+    pretrained_defenses = ("natural",)
+
     @dataclass(frozen=True)
     class Config:
         static_models: tuple[str, ...] = (SAME, SAME)
@@ -50,11 +56,11 @@ class EAT(Defense):
 
         def __post_init__(self):
             if not self.static_models:
-                raise ValueError("at least one static model is needed (static_models)")
+                raise BenchError("at least one static model is needed (static_models)")
             for name in self.static_models:
                 if name != SAME:
                     MODELS.get(name)  # BenchError with "did you mean" for an unknown architecture
-            check_fields(self, at_least_one=("static_epochs",))
+            require(self, at_least_one=("static_epochs",))
 
     def setup(self, model, ctx):
         seed, c = ctx.pretrained.seed, self.config

@@ -6,8 +6,11 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from attacks.pgd import ce_loss, pgd, random_start
-from bench.defense import Defense, check_fields, register_defense
+from bench.adversary.ball import random_start
+from bench.adversary.losses import ce_loss
+from bench.adversary.pgd import pgd
+from bench.core.config import require
+from bench.core.defense import Defense, register_defense
 
 
 @register_defense("fast_at")
@@ -23,7 +26,7 @@ class FastAT(Defense):
         step_ratio: float = 1.25  # α / ε (Wong et al. 2020, Sec. 4: α = 1.25ε)
 
         def __post_init__(self):
-            check_fields(self, positive=("step_ratio",))
+            require(self, positive=("step_ratio",))
 
     def training_step(self, model, x, y, ctx):
         eps, norm = ctx.threat.eps, ctx.threat.norm

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from attacks.pgd import ascent_step, project
-from bench.defense import Defense, register_defense
+from bench.adversary.ball import ascent_step, project
+from bench.core.defense import Defense, register_defense
 
 
 @register_defense("fgsm_at")

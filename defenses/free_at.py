@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from attacks.pgd import ascent_step, clip_to_ball
-from bench.defense import Defense, check_fields, register_defense
+from bench.adversary.ball import ascent_step, clip_to_ball
+from bench.core.config import require
+from bench.core.defense import Defense, register_defense
 
 
 @register_defense("free_at")
@@ -41,7 +42,7 @@ class FreeAT(Defense):
         step_ratio: float = 1.0  # δ step / ε
 
         def __post_init__(self):
-            check_fields(self, at_least_one=("replays",), positive=("step_ratio",))
+            require(self, at_least_one=("replays",), positive=("step_ratio",))
 
     def __init__(self, **params):
         super().__init__(**params)

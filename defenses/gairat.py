@@ -6,9 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
-from attacks.pgd import ce_loss, pgd, random_start
-from bench.defense import Defense, check_fields, paper_epoch, register_defense
-from bench.models import eval_mode
+from bench.adversary.ball import random_start
+from bench.adversary.losses import ce_loss
+from bench.adversary.pgd import pgd
+from bench.core.config import require
+from bench.core.defense import Defense, register_defense
+from bench.core.models import eval_mode
+from bench.core.schedules import paper_epoch
 
 
 def gair_weights(kappa: torch.Tensor, steps: int, lam: float) -> torch.Tensor:
@@ -29,7 +33,7 @@ class GAIRAT(Defense):
     (`step_ratio` = 0.007/0.031), λ = −1 ("fixed" λ schedule), burn-in: plain PGD-AT (uniform ω, the
     code's λ = +∞) for 60 of 120 epochs, reweighting from then on. Under a budget of E epochs the
     1-based epoch e reweights once the paper time it stands for passes `begin_fraction` of training,
-    (e − ½)/E ≥ begin_fraction (`bench.defense.paper_epoch`): at 120 epochs from epoch 61.
+    (e − ½)/E ≥ begin_fraction (`bench.core.schedules.paper_epoch`): at 120 epochs from epoch 61.
     The code's other λ schedules ("linear", "piecewise") are not its defaults and are not included.
     """
 
@@ -41,7 +45,7 @@ class GAIRAT(Defense):
         begin_fraction: float = 60 / 120
 
         def __post_init__(self):
-            check_fields(self, at_least_one=("steps",), positive=("step_ratio",), non_negative=("begin_fraction",))
+            require(self, at_least_one=("steps",), positive=("step_ratio",), non_negative=("begin_fraction",))
 
     def reweighting(self, epoch: int, epochs: int) -> bool:
         """Whether the 1-based `epoch` of `epochs` is past the burn-in."""

@@ -9,10 +9,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from attacks.pgd import ascent_step, ce_loss, input_gradient, project, random_start
-from bench.defense import Defense, check_fields, register_defense
-from bench.models import eval_mode
-from defenses.sat_schedule import check_schedule, curriculum_lambda
+from bench.adversary.ball import ascent_step, project, random_start
+from bench.adversary.losses import ce_loss
+from bench.adversary.pgd import input_gradient
+from bench.core.config import require
+from bench.core.defense import Defense, register_defense
+from bench.core.models import eval_mode
+from bench.core.schedules import check_schedule, curriculum_lambda
 
 
 def curvature_score(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, alpha_ratio: float,
@@ -92,13 +95,8 @@ class HSAT(Defense):
 
         def __post_init__(self):
             check_schedule(self)
-            check_fields(self, at_least_one=("steps",), positive=("step_ratio",))
-            if not all(0 <= v <= 1 for v in self.schedule_values):
-                raise ValueError(f"H-SAT's λ is a fraction of the batch: schedule_values must be in [0, 1], "
-                                 f"got {list(self.schedule_values)}")
-            if self.hessian_batch < 1 or not self.alpha_ratio > 0:
-                raise ValueError(f"hessian_batch must be >= 1 and alpha_ratio > 0, got {self.hessian_batch} "
-                                 f"and {self.alpha_ratio}")
+            require(self, at_least_one=("steps",), positive=("step_ratio",))
+            require(self, fraction=("schedule_values",), at_least_one=("hessian_batch",), positive=("alpha_ratio",))
 
     def training_step(self, model, x, y, ctx):
         c, eps, norm, n = self.config, ctx.threat.eps, ctx.threat.norm, len(x)

@@ -7,9 +7,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from attacks.pgd import ce_loss, gaussian_start, pgd
-from bench.defense import Defense, check_fields, register_defense
-from bench.models import eval_mode
+from bench.adversary.ball import gaussian_start
+from bench.adversary.losses import ce_loss
+from bench.adversary.pgd import pgd
+from bench.core.config import require
+from bench.core.defense import Defense, register_defense
+from bench.core.models import eval_mode
 
 
 @register_defense("mart")
@@ -30,7 +33,7 @@ class MART(Defense):
         init_std: float = 0.001
 
         def __post_init__(self):
-            check_fields(self, at_least_one=("steps",), positive=("step_ratio",), non_negative=("beta", "init_std"))
+            require(self, at_least_one=("steps",), positive=("step_ratio",), non_negative=("beta", "init_std"))
 
     def training_step(self, model, x, y, ctx):
         c, eps, norm = self.config, ctx.threat.eps, ctx.threat.norm

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from bench.defense import Defense, register_defense
+from bench.core.defense import Defense, register_defense
 
 
 @register_defense("natural")

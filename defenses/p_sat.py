@@ -7,10 +7,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from attacks.pgd import ce_loss, margin_loss, pgd_with_stopping, random_start
-from bench.defense import Defense, check_fields, register_defense
-from bench.models import eval_mode
-from defenses.sat_schedule import check_schedule, curriculum_lambda
+from bench.adversary.ball import random_start
+from bench.adversary.losses import ce_loss, margin_loss
+from bench.adversary.pgd import pgd_with_stopping
+from bench.core.config import require
+from bench.core.defense import Defense, register_defense
+from bench.core.models import eval_mode
+from bench.core.schedules import check_schedule, curriculum_lambda
 
 
 def probability_gap(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -55,7 +58,7 @@ class PSAT(Defense):
 
         def __post_init__(self):
             check_schedule(self)
-            check_fields(self, at_least_one=("steps",), positive=("step_ratio",))
+            require(self, at_least_one=("steps",), positive=("step_ratio",))
 
     def training_step(self, model, x, y, ctx):
         c, eps, norm = self.config, ctx.threat.eps, ctx.threat.norm

@@ -4,20 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from attacks.pgd import ce_loss, pgd, random_start
-from bench.defense import Defense, check_fields, register_defense
-
-
-def pgd_at_adversary(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str, steps: int,
-                     step_size: float) -> torch.Tensor:
-    """Madry et al.'s adversary: `steps` PGD steps on the cross-entropy from a uniform random start
-    in the ε ball, with the model in whatever mode the caller left it (train mode for PGD-AT)."""
-    return pgd(model, x, lambda logits: ce_loss(logits, y), eps=eps, norm=norm, steps=steps,
-               step_size=step_size, x_init=random_start(x, norm, eps))
+from bench.adversary.training import pgd_at_adversary
+from bench.core.config import require
+from bench.core.defense import Defense, register_defense
 
 
 @register_defense("pgd_at")
@@ -35,7 +26,7 @@ class PGDAT(Defense):
         step_ratio: float = 0.25  # step size / ε
 
         def __post_init__(self):
-            check_fields(self, at_least_one=("steps",), positive=("step_ratio",))
+            require(self, at_least_one=("steps",), positive=("step_ratio",))
 
     def training_step(self, model, x, y, ctx):
         eps = ctx.threat.eps

@@ -8,9 +8,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from attacks.pgd import ce_loss, pgd
-from bench.defense import Defense, register_defense
-from bench.models import eval_mode
+from bench.adversary.losses import ce_loss
+from bench.adversary.pgd import pgd
+from bench.core.config import require
+from bench.core.defense import Defense, register_defense
+from bench.core.models import eval_mode
 
 
 @register_defense("sat_r1")
@@ -36,8 +38,7 @@ class SATR1(Defense):
         ifgsm_steps: int = 7  # Table 8 (CIFAR-10); MNIST: 40
 
         def __post_init__(self):
-            if self.pairs < 1 or self.ifgsm_steps < 1:
-                raise ValueError(f"pairs and ifgsm_steps must be >= 1, got {self.pairs} and {self.ifgsm_steps}")
+            require(self, at_least_one=("pairs", "ifgsm_steps"))
 
     def training_step(self, model, x, y, ctx):
         c, eps, norm = self.config, ctx.threat.eps, ctx.threat.norm

@@ -8,9 +8,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from attacks.pgd import ce_loss, l2_norm, pgd
-from bench.defense import Defense, register_defense
-from bench.models import eval_mode
+from bench.adversary.ball import l2_norm
+from bench.adversary.losses import ce_loss
+from bench.adversary.pgd import pgd
+from bench.core.defense import Defense, register_defense
+from bench.core.errors import BenchError
+from bench.core.models import eval_mode
 
 
 def sign_noise(x: torch.Tensor, norm: str, radius: float) -> torch.Tensor:
@@ -41,7 +44,7 @@ class SATR2(Defense):
 
         def __post_init__(self):
             if not 0 <= self.rand_ratio < 1:
-                raise ValueError(f"rand_ratio must be in [0, 1), got {self.rand_ratio}")
+                raise BenchError(f"rand_ratio must be in [0, 1), got {self.rand_ratio}")
 
     def training_step(self, model, x, y, ctx):
         c, eps, norm = self.config, ctx.threat.eps, ctx.threat.norm

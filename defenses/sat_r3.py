@@ -8,9 +8,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from attacks.pgd import ascent_step, ce_loss, input_gradient, project
-from bench.defense import Defense, register_defense
-from bench.models import eval_mode
+from bench.adversary.ball import ascent_step, project
+from bench.adversary.losses import ce_loss
+from bench.adversary.pgd import input_gradient
+from bench.core.defense import Defense, register_defense
+from bench.core.errors import BenchError
+from bench.core.models import eval_mode
 
 
 @register_defense("sat_r3")
@@ -37,7 +40,7 @@ class SATR3(Defense):
 
         def __post_init__(self):
             if not (0 < self.low_ratio < 1 and 0 < self.tau < 1):
-                raise ValueError(f"need 0 < low_ratio < 1 and 0 < tau < 1 (ε_low < ε_high, τ < 1: Sec. 4.4.3), "
+                raise BenchError(f"need 0 < low_ratio < 1 and 0 < tau < 1 (ε_low < ε_high, τ < 1: Sec. 4.4.3), "
                                  f"got {self.low_ratio} and {self.tau}")
 
     def training_step(self, model, x, y, ctx):

@@ -7,10 +7,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from attacks.pgd import gaussian_start, pgd
-from bench.defense import Defense, check_fields, register_defense
-from bench.errors import BenchError
-from bench.models import CosineClassifier, eval_mode
+from bench.adversary.ball import gaussian_start
+from bench.adversary.pgd import pgd
+from bench.core.config import require
+from bench.core.defense import Defense, register_defense
+from bench.core.errors import BenchError
+from bench.core.models import CosineClassifier, eval_mode
 
 
 def self_paced_logits(cos: torch.Tensor, y: torch.Tensor, s: float, beta: float) -> torch.Tensor:
@@ -61,7 +63,7 @@ class SPAT(Defense):
         init_std: float = 0.001
 
         def __post_init__(self):
-            check_fields(self, at_least_one=("steps",), positive=("s", "step_ratio"),
+            require(self, at_least_one=("steps",), positive=("s", "step_ratio"),
                          non_negative=("lam", "alpha", "init_std"))
 
     def setup(self, model, ctx):

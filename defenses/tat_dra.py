@@ -9,9 +9,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attacks.pgd import ce_loss, default_step_size, input_gradient
-from bench.defense import Defense, paper_epoch, register_defense
-from bench.models import eval_mode
+from bench.adversary.ball import default_step_size
+from bench.adversary.losses import ce_loss
+from bench.adversary.pgd import input_gradient
+from bench.core.config import require
+from bench.core.defense import Defense, register_defense
+from bench.core.models import eval_mode
+from bench.core.schedules import paper_epoch
 
 
 def dra(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, budget: float, p: float, steps: int,
@@ -66,7 +70,7 @@ class TATDRA(Defense):
     0.5/255 (last adversarial epoch) over 50 epochs, then 10 clean epochs (60 in all). MNIST: T = 20,
     p = 2/3, ε = 0.1 constant for 50 epochs: `steps = 20, p = "2/3", budget_start = 0.1,
     budget_end = 0.1, clean_epochs = 0` in a suite. Other budgets: epoch e (1-based) of E = ctx.epochs
-    follows the paper at the paper time t = (e − ½)·60/E it stands for (`bench.defense.paper_epoch`,
+    follows the paper at the paper time t = (e − ½)·60/E it stands for (`bench.core.schedules.paper_epoch`,
     60 = decay_epochs + clean_epochs): adversarial while t < 50, clean after, so the paper's
     proportion (10 of 12 epochs adversarial at E = 12; with the defaults the first epoch always
     is); ε is linear in t from `budget_start` at paper epoch 0 to `budget_end` at paper epoch 49
@@ -89,6 +93,8 @@ class TATDRA(Defense):
     update upon clean and adversarial samples".
     """
 
+    pretrained_defenses = ("natural",)
+
     @dataclass(frozen=True)
     class Config:
         steps: int = 5
@@ -101,14 +107,8 @@ class TATDRA(Defense):
         pretrain_epochs: int | None = None  # natural pre-training epochs; None: the run's
 
         def __post_init__(self):
-            if not 0 < self.p <= 1:
-                raise ValueError(f"p must be in (0, 1], got {self.p}")
-            if self.steps < 1 or self.decay_epochs < 1 or self.clean_epochs < 0:
-                raise ValueError("steps and decay_epochs must be >= 1 and clean_epochs >= 0")
-            if min(self.budget_start, self.budget_end) < 0 or (self.step_ratio is not None and self.step_ratio <= 0):
-                raise ValueError("budgets must be >= 0 and step_ratio > 0")
-            if self.pretrain_epochs is not None and self.pretrain_epochs < 1:
-                raise ValueError(f"pretrain_epochs must be >= 1, got {self.pretrain_epochs}")
+            require(self, positive=("p", "step_ratio"), fraction=("p",), at_least_one=("steps", "decay_epochs", "pretrain_epochs"),
+                    non_negative=("clean_epochs", "budget_start", "budget_end"))
 
     def setup(self, model, ctx):
         train = {"epochs": self.config.pretrain_epochs} if self.config.pretrain_epochs is not None else None

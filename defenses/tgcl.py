@@ -8,8 +8,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attacks.pgd import input_gradient
-from bench.defense import Defense, check_fields, paper_epoch, register_defense
+from bench.adversary.pgd import input_gradient
+from bench.core.config import require
+from bench.core.defense import Defense, register_defense
+from bench.core.errors import BenchError
+from bench.core.schedules import paper_epoch
 
 
 def true_class_prob(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -74,7 +77,7 @@ class TGCL(Defense):
 
     Schedule (Sec. 5): 100 phase-1 epochs, then 15 epochs for each k in 100, 90, …, 50 (T = 190).
     Under another budget E = ctx.epochs, epoch e (1-based) takes the stage the paper runs at paper
-    time (e − ½)·T/E (`bench.defense.paper_epoch`): the identity when E = T, proportional otherwise
+    time (e − ½)·T/E (`bench.core.schedules.paper_epoch`): the identity when E = T, proportional otherwise
     (stages shorter than T/E epochs may be skipped; E = 1 is all phase 1).
 
     Choices where the paper is silent or ambiguous:
@@ -102,6 +105,8 @@ class TGCL(Defense):
     discriminators' passes.
     """
 
+    pretrained_defenses = ("pgd_at",)
+
     @dataclass(frozen=True)
     class Config:
         beta: float = 2.0
@@ -116,11 +121,11 @@ class TGCL(Defense):
 
         def __post_init__(self):
             if not self.ks or not all(0 < k <= 100 for k in self.ks):
-                raise ValueError(f"ks must be in (0, 100], got {list(self.ks)}")
+                raise BenchError(f"ks must be in (0, 100], got {list(self.ks)}")
             if min(self.phase1_epochs, self.epochs_per_k) < 0 or self.phase1_epochs + self.epochs_per_k == 0:
-                raise ValueError(f"epoch counts must be >= 0, not both 0; got phase1_epochs={self.phase1_epochs}, "
+                raise BenchError(f"epoch counts must be >= 0, not both 0; got phase1_epochs={self.phase1_epochs}, "
                                  f"epochs_per_k={self.epochs_per_k}")
-            check_fields(self, at_least_one=("teacher_steps", "teacher_epochs"), positive=("disc_lr",))
+            require(self, at_least_one=("teacher_steps", "teacher_epochs"), positive=("disc_lr",))
 
     def __init__(self, **params):
         super().__init__(**params)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -9,10 +10,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.data import Dataset, load_dataset
-from bench.defense import TrainContext
-from bench.models import build_model
-from bench.threat import ThreatModel
+from bench.core.data import Dataset, load_dataset
+from bench.core.defense import TrainContext
+from bench.core.models import build_model
+from bench.core.threat import ThreatModel
 
 # The models here are tiny (a few thousand parameters on 1x8x8 inputs): intra-op threads
 # only add synchronization, and on a loaded machine OpenMP spin-waiting makes every op
@@ -87,14 +88,15 @@ def trained(trained_model) -> nn.Module:
 def make_ctx(synthetic, pretrained_root):
     """make_ctx(model, norm="Linf", eps=0.1) -> a TrainContext as the trainer builds it. Its
     `pretrained` trains real (tiny, one-epoch) runs on the synthetic set, cached for the session."""
-    from bench.pretrained import Pretrained
-    from bench.trainer import build_train_config
+    from bench.engine.pretrained import Pretrained
+    from bench.engine.runspec import build_train_config
+    from bench.engine.trainer import train
 
     def make(model: nn.Module, norm: str = "Linf", eps: float = 0.1, num_classes: int = 4) -> TrainContext:
         threat = ThreatModel(norm, eps)
         store, checkpoints = pretrained_root
         pretrained = Pretrained(synthetic, store, checkpoints, torch.device("cpu"), threat, "small_cnn", dict(TINY),
-                                build_train_config(PRETRAIN), seed=0, progress=False)
+                                build_train_config(PRETRAIN), seed=0, progress=False, trainer=train)
         return TrainContext(threat=threat, num_classes=num_classes, input_shape=synthetic.input_shape, epochs=1,
                             device=torch.device("cpu"), optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                             steps_per_epoch=1, pretrained=pretrained)
@@ -107,10 +109,24 @@ def make_ctx(synthetic, pretrained_root):
 def eval_ctx(synthetic, pretrained_root):
     """An EvalContext on the synthetic set, as evaluate_checkpoint builds it for an attack's `prepare`
     (its `pretrained` runs are tiny and cached for the session; callers give `train`)."""
-    from bench.evaluation import EvalContext
-    from bench.pretrained import Pretrained
+    from bench.core.attack import EvalContext
+    from bench.engine.pretrained import Pretrained
+    from bench.engine.trainer import train
 
     store, checkpoints = pretrained_root
     pretrained = Pretrained(synthetic, store, checkpoints, torch.device("cpu"), synthetic.default_threat,
-                            "small_cnn", dict(TINY), None, seed=0, progress=False)
+                            "small_cnn", dict(TINY), None, seed=0, progress=False, trainer=train)
     return EvalContext(synthetic, torch.device("cpu"), pretrained)
+
+
+@pytest.fixture
+def registered():
+    """registered(registry, name, obj): register `obj` under `name` for this test only (the
+    registry is restored afterwards, `Registry.temporary`)."""
+    with contextlib.ExitStack() as stack:
+        def register(registry, name: str, obj):
+            assert name not in registry
+            stack.enter_context(registry.temporary())
+            return registry.register(name)(obj)
+
+        yield register

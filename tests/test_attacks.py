@@ -9,12 +9,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attacks.pgd import margin_loss, other_classes, per_sample, random_start
-from bench.attack import ATTACKS, load_attacks
-from bench.counting import PassCounter, count_passes
-from bench.errors import BenchError
+from bench.adversary.ball import per_sample, random_start
+from bench.adversary.losses import margin_loss, other_classes
+from bench.core.attack import ATTACKS
+from bench.core.errors import BenchError
+from bench.engine.counting import PassCounter, count_passes
 
-load_attacks()
 NAMES = ATTACKS.names()
 TOL = 1e-5
 

@@ -10,16 +10,17 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-
-from attacks.apgd import checkpoints, dlr_loss, targeted_dlr_loss
-from attacks.pgd import ce_loss, pgd, random_start
-from bench.attack import ATTACKS, load_attacks
-from bench.counting import count_passes
-from bench.errors import BenchError
-from bench.models import build_model
 from conftest import TINY
 
-load_attacks()
+from attacks.apgd import checkpoints, dlr_loss, targeted_dlr_loss
+from bench.adversary.ball import random_start
+from bench.adversary.losses import ce_loss
+from bench.adversary.pgd import pgd
+from bench.core.attack import ATTACKS
+from bench.core.errors import BenchError
+from bench.core.models import build_model
+from bench.engine.counting import count_passes
+
 TOL = 1e-5
 
 

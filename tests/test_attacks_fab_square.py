@@ -9,17 +9,16 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import TINY
 
 from attacks.fab import project_l2, project_linf
 from attacks.square import p_schedule
-from bench.attack import ATTACKS, load_attacks
-from bench.counting import count_passes
-from bench.errors import BenchError
-from bench.evaluation import run_attack
-from bench.models import build_model
-from conftest import TINY
+from bench.core.attack import ATTACKS
+from bench.core.errors import BenchError
+from bench.core.models import build_model
+from bench.engine.counting import count_passes
+from bench.engine.evaluation import run_attack
 
-load_attacks()
 TOL = 1e-5
 
 

@@ -13,12 +13,10 @@ import torch
 import torch.nn as nn
 
 from attacks.rays import BINARY_TOL
-from bench.attack import ATTACKS, load_attacks
-from bench.counting import count_passes
-from bench.errors import BenchError
-from bench.evaluation import perturbation_norms, run_attack
-
-load_attacks()
+from bench.core.attack import ATTACKS
+from bench.core.errors import BenchError
+from bench.engine.counting import count_passes
+from bench.engine.evaluation import perturbation_norms, run_attack
 
 
 def fooled(model, x_adv, y) -> torch.Tensor:

@@ -7,12 +7,10 @@ import pytest
 import torch
 
 from attacks.noise import uniform_in_ball
-from bench.attack import ATTACKS, load_attacks
-from bench.counting import count_passes
-from bench.errors import BenchError
-from bench.evaluation import run_attack
-
-load_attacks()
+from bench.core.attack import ATTACKS
+from bench.core.errors import BenchError
+from bench.engine.counting import count_passes
+from bench.engine.evaluation import run_attack
 
 
 def accuracy(model, x_adv, y) -> float:

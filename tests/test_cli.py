@@ -1,4 +1,4 @@
-"""The command line, in-process (`bench.cli.main`): list, an end-to-end suite run that is
+"""The command line, in-process (`bench.app.cli.main`): list, an end-to-end suite run that is
 cached and then forced, `eval`'s worst-case line, and bad input: exit status 2, one line on
 stderr, and nothing written."""
 
@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.cli import main
-from bench.defense import load_defenses
-from bench.sanity import load_checks
+from bench.app.cli import main
+from bench.core.check import CHECKS
+from bench.core.defense import DEFENSES
 
 TINY = (Path(__file__).resolve().parent / "suites" / "tiny.toml").resolve()
 TINY_RUNS = ("natural", "pgd_at", "trades")
-TABLES = ("runs", "train_epochs", "checkpoints", "evaluations", "sample_results", "curves", "curve_points",
-          "sanity_checks", "schema_info")
+TABLES = ("runs", "train_epochs", "checkpoints", "run_checkpoints", "evaluations", "sample_results", "curves",
+          "curve_points", "sanity_checks", "alembic_version")
 
 
 def cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -113,12 +113,13 @@ def test_run_suite_end_to_end_then_nothing_to_do_then_force(tmp_path, monkeypatc
 
     n = counts(db)
     shas = {hashlib.sha256((d / k).read_bytes()).hexdigest() for d in run_dirs for k in ("best.pt", "last.pt")}
-    assert n["runs"] == 3 and n["train_epochs"] == 3 * 2 and n["checkpoints"] == 3 * 2
+    assert n["runs"] == 3 and n["train_epochs"] == 3 * 2 and n["run_checkpoints"] == 3 * 2
+    assert n["checkpoints"] == len(shas)  # one row per distinct file (best.pt may be a copy of last.pt)
     # per distinct checkpoint file: clean, fgsm, pgd on 48 samples; 9 curve points on 24 (tiny.toml)
     assert n["evaluations"] == (3 + 9) * len(shas)
     assert n["sample_results"] == (48 * 3 + 24 * 9) * len(shas)
-    assert n["curves"] == 4 * len(shas) and n["sanity_checks"] == len(load_checks()) * len(shas)
-    assert n["schema_info"] == 1
+    assert n["curves"] == 4 * len(shas) and n["sanity_checks"] == len(CHECKS) * len(shas)
+    assert n["alembic_version"] == 1
     with sqlite3.connect(db) as con:
         assert con.execute("select distinct status from runs").fetchall() == [("completed",)]
         assert sorted(r[0] for r in con.execute("select label from runs")) == sorted(TINY_RUNS)
@@ -128,7 +129,8 @@ def test_run_suite_end_to_end_then_nothing_to_do_then_force(tmp_path, monkeypatc
     # the same command again: nothing to do, nothing changed
     before_files = files(tmp_path / "checkpoints")
     before_counts = counts(db)
-    before_rows = {t: rows(db, t) for t in ("train_epochs", "checkpoints", "evaluations", "sample_results")}
+    before_rows = {t: rows(db, t) for t in ("train_epochs", "checkpoints", "run_checkpoints", "evaluations",
+                                            "sample_results")}
     before_runs = rows(db, "runs", exclude=("updated_at",))
     rc, out, err = cli(capsys, "run", "--suite", TINY, "--device", "cpu")
     assert rc == 0, err
@@ -248,7 +250,7 @@ def _tiny_with(old: str, new: str) -> str:
 
 
 def _offline(monkeypatch, argv: list) -> list:
-    """Make every download fail as it does without internet (bench.data calls urllib.request.urlopen)."""
+    """Make every download fail as it does without internet (bench.core.data calls urllib.request.urlopen)."""
 
     def urlopen(url, *args, **kwargs):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
@@ -263,7 +265,7 @@ TRAIN = ["train", "--defense", "natural", "--dataset", "synthetic", "--epochs", 
 BAD = {
     "unknown defense": (lambda i, c, m: ["train", "--defense", "pgd_a", "--dataset", "synthetic"],
                         r"unknown defense 'pgd_a'\. Did you mean 'pgd_at'\? Known defenses: "
-                        + re.escape(", ".join(load_defenses().names()))),
+                        + re.escape(", ".join(DEFENSES.names()))),
     "unknown attack": (lambda i, c, m: ["eval", c, "--attack", "pgdd:steps=3"],
                        r"unknown attack 'pgdd'\. Did you mean 'pgd'\? Known attacks: .*fgsm"),
     "unknown model": (lambda i, c, m: TRAIN + ["--model", "small_cn"],

@@ -1,4 +1,4 @@
-"""bench.curves: every point equals the separate evaluation it stands for (trajectory and restarts
+"""bench.engine.curves: every point equals the separate evaluation it stands for (trajectory and restarts
 shortcuts included, across batches), points are stored once and reused, the eps grid."""
 
 from __future__ import annotations
@@ -9,13 +9,16 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from bench.curves import CurveSettings, _convergence, default_eps_grid
-from bench.data import load_dataset
-from bench.errors import BenchError
-from bench.evaluation import AttackSpec, SampleSet, evaluate_checkpoint
-from bench.store import Curve, Evaluation, SampleResult, Store
-from bench.threat import ThreatModel
-from bench.trainer import RunSpec, build_train_config, train
+from bench.core.data import load_dataset
+from bench.core.errors import BenchError
+from bench.core.threat import ThreatModel
+from bench.engine.curves import CurveSettings, _convergence, default_eps_grid
+from bench.engine.evaluation import AttackSpec, SampleSet
+from bench.engine.runspec import RunSpec, build_train_config
+from bench.engine.stage import evaluate_checkpoint
+from bench.engine.trainer import train
+from bench.store import Store
+from bench.store.schema import Curve, Evaluation, SampleResult
 
 OPTIONS = {"n_train": 128, "n_val": 32, "n_test": 40}
 EPS = 0.05

@@ -1,4 +1,4 @@
-"""bench.data: offline datasets, IDX/CIFAR parsing on tiny fake files, downloads, augmentation."""
+"""bench.core.data: offline datasets, IDX/CIFAR parsing on tiny fake files, downloads, augmentation."""
 
 import collections
 import gzip
@@ -19,9 +19,9 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from bench import data
-from bench.data import Dataset, augment_batch, eval_indices, load_dataset
-from bench.errors import BenchError
+from bench.core import data
+from bench.core.data import Dataset, augment_batch, eval_indices, load_dataset
+from bench.core.errors import BenchError
 
 T10K = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 SHARED_T10K = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-t10k"
@@ -124,7 +124,7 @@ def test_to_moves_every_tensor_and_repr_is_short():
 
 
 def test_import_does_not_pull_torchvision():
-    code = "import sys, bench.data; assert 'torchvision' not in sys.modules"
+    code = "import sys, bench.core.data; assert 'torchvision' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 

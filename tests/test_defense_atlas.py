@@ -3,17 +3,15 @@ norm, the losses recomputed from the paper's equations, the adversary and the ε
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import defenses.atlas
-from bench.defense import DEFENSES, TrainContext, load_defenses
-from bench.errors import BenchError
-from defenses.jacobian_reg import jacobian_norm_sq
+from bench.adversary.regularizers import jacobian_norm_sq
+from bench.core.defense import DEFENSES, TrainContext
+from bench.core.errors import BenchError
 
-load_defenses()
 B = 8
 
 

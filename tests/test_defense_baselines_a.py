@@ -11,10 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import defenses.alp
-from bench.defense import DEFENSES, load_defenses
-from bench.errors import BenchError
+from bench.core.defense import DEFENSES
+from bench.core.errors import BenchError
 
-load_defenses()
 B = 32
 
 

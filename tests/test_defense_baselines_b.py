@@ -11,14 +11,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.counting import count_passes
-from bench.defense import DEFENSES, load_defenses
-from bench.errors import BenchError
-from bench.models import build_model
+from bench.core.defense import DEFENSES
+from bench.core.errors import BenchError
+from bench.core.models import build_model
+from bench.engine.counting import count_passes
 from defenses.dat import fosc
 from defenses.gairat import gair_weights
 
-load_defenses()
 B = 32
 EPS = 0.1
 
@@ -65,7 +64,7 @@ def test_paper_defaults():
     assert (cfg["gairat"].steps, cfg["gairat"].lam) == (10, -1.0)
     assert cfg["gairat"].step_ratio * 0.031 == pytest.approx(0.007)
     assert cfg["gairat"].begin_fraction * 120 == pytest.approx(60)
-    with pytest.raises(BenchError, match="base must be one of"):
+    with pytest.raises(BenchError, match="unknown base 'mart'. Accepted: pgd_at, trades"):
         DEFENSES.get("awp")(base="mart")
 
 
@@ -181,7 +180,7 @@ def test_fosc_is_the_first_order_optimality_gap(norm):
 
 def test_dat_threshold_decreases_linearly():
     """The authors' c_t = 0.5 − 0.5·t/100 (t the 0-based epoch of 120), read at the middle of the
-    paper epochs each run epoch covers (bench.defense.paper_epoch): t = e − ½ at 120 epochs, so the
+    paper epochs each run epoch covers (bench.core.defense.paper_epoch): t = e − ½ at 120 epochs, so the
     values sit half an epoch's decay (0.0025) below the start-of-epoch rule's 0.5, 0.25, 0.005;
     c reaches 0 in the epoch whose middle passes T' = 100 (the 101st, as before)."""
     defense = DEFENSES.get("dat")()
@@ -389,7 +388,7 @@ def test_awp_steps_from_the_perturbed_weights_then_removes_the_perturbation(trai
 
 def test_awp_warm_up(trained, data, make_ctx):
     """While the run's epoch stands for a paper time before start_fraction (10 of 200 by default;
-    epoch e of E at (e − ½)/E, bench.defense.paper_epoch) AWP is plain PGD-AT: weights untouched,
+    epoch e of E at (e − ½)/E, bench.core.defense.paper_epoch) AWP is plain PGD-AT: weights untouched,
     11 forward passes. At 200 epochs the warm-up is epochs 1-10, the code's `--awp-warmup 10` (the
     earlier ⌈start_fraction·E⌉ rule started AWP at epoch 10, after 9)."""
     defense = DEFENSES.get("awp")()
@@ -447,7 +446,7 @@ def test_gair_weights():
 def test_gairat_kappa_and_weighted_loss(trained, data, make_ctx):
     """κ counts the correctly classified iterates x⁰ … x^{K−1} of eval-mode PGD-10 (step 0.007/0.031·ε,
     uniform start); after the burn-in the loss is mean(ω·CE(x')), before it mean CE(x'). The burn-in
-    holds while (e − ½)/E < begin_fraction (bench.defense.paper_epoch): epochs 1-60 of 120, the code's
+    holds while (e − ½)/E < begin_fraction (bench.core.defense.paper_epoch): epochs 1-60 of 120, the code's
     60 (the earlier ⌈begin_fraction·E⌉ rule reweighted from epoch 60, after 59)."""
     x, y = data
     defense = DEFENSES.get("gairat")()

@@ -11,14 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.counting import count_passes
-from bench.defense import DEFENSES, load_defenses
-from bench.errors import BenchError
+from bench.core.defense import DEFENSES
+from bench.core.errors import BenchError
+from bench.core.schedules import curriculum_lambda
+from bench.engine.counting import count_passes
 from defenses.h_sat import curvature_score
-from defenses.sat_schedule import curriculum_lambda
 from tests.conftest import tiny_cnn
 
-load_defenses()
 B, EPS = 32, 0.1
 
 
@@ -72,7 +71,7 @@ STEPS = {"schedule": "step", "schedule_epochs": [0, 40, 60, 80], "schedule_value
 
 @pytest.mark.parametrize("name, params, epochs, expected", [
     # P-SAT linear: 0 until paper epoch 30, 1 from 70 (App. A), read at the middle of the paper epochs
-    # each run epoch covers (bench.defense.paper_epoch): at 100 epochs, paper time = epoch − ½
+    # each run epoch covers (bench.core.defense.paper_epoch): at 100 epochs, paper time = epoch − ½
     ("p_sat", {}, 100, {1: 0.0, 30: 0.0, 31: 0.0125, 51: 0.5125, 61: 0.7625, 70: 0.9875, 71: 1.0, 100: 1.0}),
     # the same shape under a 10-epoch budget: paper time = (epoch − ½)·100/10
     ("p_sat", {}, 10, {1: 0.0, 3: 0.0, 4: 0.125, 5: 0.375, 6: 0.625, 7: 0.875, 8: 1.0, 10: 1.0}),

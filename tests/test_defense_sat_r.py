@@ -11,9 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.defense import DEFENSES, load_defenses
+from bench.core.defense import DEFENSES
 
-load_defenses()
 B, EPS = 32, 0.1
 
 

@@ -10,12 +10,11 @@ import torch
 import torch.nn.functional as F
 
 import defenses.spat
-from bench.defense import DEFENSES, load_defenses
-from bench.errors import BenchError
+from bench.core.defense import DEFENSES
+from bench.core.errors import BenchError
 from defenses.spat import robustness_loss, self_paced_logits
 from tests.conftest import tiny_cnn
 
-load_defenses()
 B, S, BETA, ALPHA, LAM = 32, 5.0, 0.2, 0.2, 6.0
 
 

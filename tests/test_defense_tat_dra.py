@@ -10,12 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.defense import DEFENSES, load_defenses
-from bench.errors import BenchError
+from bench.core.defense import DEFENSES
+from bench.core.errors import BenchError
 from defenses.tat_dra import dra
 from tests.conftest import tiny_cnn
 
-load_defenses()
 B = 32
 
 
@@ -79,7 +78,7 @@ def test_dra_step_follows_the_gradient_without_sign(trained_model, data):
 
 def test_budget_schedule():
     """CIFAR: 2/255 at paper epoch 0 → 0.5/255 at paper epoch 49, linear, then 10 clean epochs; epoch
-    e of E is read at paper time t = (e − ½)·60/E (bench.defense.paper_epoch): adversarial while
+    e of E is read at paper time t = (e − ½)·60/E (bench.core.defense.paper_epoch): adversarial while
     t < 50. MNIST: 0.1 throughout. The values changed from the earlier rule, which ran the decay over
     the run's own ceil(E·50/60) adversarial epochs: now every defense maps its schedule the same way,
     so the first epoch starts half an epoch into the decay and, on short budgets, the last

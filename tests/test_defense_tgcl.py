@@ -13,18 +13,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.checkpoint import MODEL_FORMAT, STATE_FORMAT, safe_load
-from bench.counting import count_passes
-from bench.data import load_dataset
-from bench.defense import load_defenses
-from bench.errors import BenchError
+from bench.core.data import load_dataset
+from bench.core.errors import BenchError
+from bench.core.threat import ThreatModel
+from bench.engine.checkpoint import MODEL_FORMAT, STATE_FORMAT, safe_load
+from bench.engine.counting import count_passes
+from bench.engine.runspec import RunSpec, build_train_config
+from bench.engine.trainer import train
 from bench.store import Store
-from bench.threat import ThreatModel
-from bench.trainer import RunSpec, build_train_config, train
 from defenses.tgcl import TGCL, gan_value
 from tests.conftest import TINY, tiny_cnn
 
-load_defenses()
 B = 32
 D = 64  # entries of a 1×8×8 saliency map
 

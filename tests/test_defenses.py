@@ -12,17 +12,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import bench.adversary.training
 import defenses.mart
 import defenses.trades
-from bench.counting import count_passes
-from bench.defense import DEFENSES, Defense, load_defenses, paper_epoch, register_defense
-from bench.errors import BenchError
-from bench.store import Run, Store
-from bench.threat import ThreatModel
-from bench.trainer import RunSpec, build_train_config, train
+from bench.core.defense import DEFENSES, Defense
+from bench.core.errors import BenchError
+from bench.core.schedules import paper_epoch
+from bench.core.threat import ThreatModel
+from bench.engine.counting import count_passes
+from bench.engine.runspec import RunSpec, build_train_config
+from bench.engine.trainer import train
+from bench.store import Store
+from bench.store.schema import Run
 from tests.conftest import TINY, tiny_cnn
 
-load_defenses()
 NAMES = DEFENSES.names()
 B = 32
 
@@ -39,7 +42,7 @@ def model_for(name: str, ds) -> nn.Module:
 
 
 # The run length of the context the tests below hand a defense: 1 epoch (make_ctx's) unless named
-# here. A 1-epoch P-SAT or H-SAT stands for paper time 50 of 100 (bench.defense.paper_epoch), where
+# here. A 1-epoch P-SAT or H-SAT stands for paper time 50 of 100 (bench.core.defense.paper_epoch), where
 # H-SAT's λ is 1 (plain PGD-AT, no curvature estimate) and P-SAT's 0.5; epoch 1 of 10 (paper time 5)
 # keeps both in the constrained regime these tests are meant to cover (λ = 0 and λ ≈ 0.83).
 EPOCHS = {"p_sat": 10, "h_sat": 10}
@@ -191,7 +194,7 @@ def test_train_mode_restored_when_the_inner_max_fails(name, tiny_model, data, ma
     def broken_pgd(*args, **kwargs):
         raise RuntimeError("inner maximization failed")
 
-    monkeypatch.setattr({"trades": defenses.trades, "mart": defenses.mart}[name], "pgd", broken_pgd)
+    monkeypatch.setattr({"trades": bench.adversary.training, "mart": defenses.mart}[name], "pgd", broken_pgd)
     with pytest.raises(RuntimeError, match="inner maximization failed"):
         DEFENSES.get(name)().training_step(tiny_model, *data, make_ctx(tiny_model))
     assert tiny_model.training
@@ -245,7 +248,7 @@ def test_paper_epoch_is_the_middle_of_the_covered_paper_epochs():
     assert min(e for e in range(1, 101) if paper_epoch(e, 100, 100) >= 40) == 41
 
 
-def test_trainer_puts_the_model_back_in_train_mode_before_every_step(synthetic, tmp_path):
+def test_trainer_puts_the_model_back_in_train_mode_before_every_step(synthetic, tmp_path, registered):
     """A defense that leaves the model in eval mode loses only that step: the trainer calls
     model.train() before each training_step, not once per epoch."""
     modes = []
@@ -261,15 +264,12 @@ def test_trainer_puts_the_model_back_in_train_mode_before_every_step(synthetic, 
             model.eval()  # forgets to switch back
             return loss
 
-    register_defense("test_leaks_eval_mode")(LeaksEvalMode)
-    try:
-        spec = RunSpec(defense="test_leaks_eval_mode", dataset="synthetic", model="small_cnn",
-                       threat=ThreatModel("Linf", 0.1), train=build_train_config({**ONE_EPOCH, "epochs": 2}),
-                       model_params=TINY, seed=0)
-        train(spec, synthetic, store=Store(str(tmp_path / "results.db")), checkpoint_root=tmp_path / "checkpoints",
-              progress=False)
-    finally:
-        DEFENSES._items.pop("test_leaks_eval_mode", None)
+    registered(DEFENSES, "test_leaks_eval_mode", LeaksEvalMode)
+    spec = RunSpec(defense="test_leaks_eval_mode", dataset="synthetic", model="small_cnn",
+                   threat=ThreatModel("Linf", 0.1), train=build_train_config({**ONE_EPOCH, "epochs": 2}),
+                   model_params=TINY, seed=0)
+    train(spec, synthetic, store=Store(str(tmp_path / "results.db")), checkpoint_root=tmp_path / "checkpoints",
+          progress=False)
     assert len(modes) == 2 * 4 and all(modes)  # 256 samples in batches of 64, two epochs
 
 

@@ -1,4 +1,4 @@
-"""bench.evaluation on a really trained tiny checkpoint: per-sample rows, caching, --force,
+"""bench.engine.evaluation on a really trained tiny checkpoint: per-sample rows, caching, --force,
 the per-sample worst case, threat-model checks on attacks, model mode, determinism, and
 what a failure leaves in the store."""
 
@@ -11,15 +11,18 @@ import pytest
 import torch
 from sqlalchemy import func, select
 
-import bench.evaluation as evaluation
-from bench.attack import ATTACKS, Attack, load_attacks, register_attack
-from bench.checkpoint import load_model, sha256_file
-from bench.data import eval_indices, load_dataset
-from bench.errors import BenchError
-from bench.evaluation import AttackSpec, evaluate_checkpoint, run_attack, worst_case
-from bench.store import Evaluation, SampleResult, Store
-from bench.threat import ThreatModel
-from bench.trainer import RunSpec, build_train_config, train
+import bench.engine.evaluation as evaluation
+from bench.core.attack import ATTACKS, Attack
+from bench.core.data import eval_indices, load_dataset
+from bench.core.errors import BenchError
+from bench.core.threat import ThreatModel
+from bench.engine.checkpoint import load_model, sha256_file
+from bench.engine.evaluation import AttackSpec, run_attack
+from bench.engine.runspec import RunSpec, build_train_config
+from bench.engine.stage import evaluate_checkpoint
+from bench.engine.trainer import train
+from bench.store import Store
+from bench.store.schema import Evaluation, SampleResult
 
 OPTIONS = {"n_train": 128, "n_val": 32, "n_test": 48}
 EPS = 0.1
@@ -50,23 +53,6 @@ def checkpoint(tmp_path_factory, data) -> Path:
 def store(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     return Store(str(tmp_path / "results.db"))
-
-
-@pytest.fixture
-def registered():
-    """registered(name, cls): register a test attack; removed from the registry afterwards."""
-    load_attacks()
-    names = []
-
-    def register(name: str, cls):
-        assert name not in ATTACKS
-        register_attack(name)(cls)
-        names.append(name)
-        return cls
-
-    yield register
-    for name in names:
-        ATTACKS._items.pop(name, None)
 
 
 def quiet(_):
@@ -108,7 +94,8 @@ def test_rows_hold_per_sample_results_for_every_index(store, checkpoint, data):
         assert row["n_samples"] == o.n_samples == N_TEST
         assert row["n_correct"] == sum(correct)
         assert row["robust_acc"] == o.robust_acc == pytest.approx(sum(correct) / N_TEST)
-        assert row["checkpoint_sha256"] == sha and row["dataset"] == "synthetic" and row["seed"] == 0
+        assert store.checkpoint(row["checkpoint_id"]).sha256 == sha
+        assert row["dataset"] == "synthetic" and row["seed"] == 0
         assert row["label"] == o.label and row["attack"] == o.attack and row["implementation"] == ("atbench" if o.attack == "clean" else "atbench r1")
         assert (row["forward_passes"], row["backward_passes"]) == (o.forward_passes, o.backward_passes)
         assert row["versions"].get("torch") == torch.__version__ and row["device"].startswith("cpu")
@@ -183,16 +170,16 @@ def test_worst_case_is_the_per_sample_and(store, checkpoint, data):
     ids = [o.evaluation_id for o in outcomes]
     rows = stored(store)
     by_hand = [all(dict((i, c) for i, c, _ in rows[e]["samples"])[i] for e in ids) for i in range(N_TEST)]
-    acc, n = worst_case(store, ids)
+    acc, n = store.sample_matrix(ids).worst_case()
     assert n == N_TEST
     assert acc == pytest.approx(sum(by_hand) / N_TEST)
     assert acc <= min(o.robust_acc for o in outcomes)
     attack_ids = ids[1:]
-    acc2, _ = worst_case(store, attack_ids)
+    acc2, _ = store.sample_matrix(attack_ids).worst_case()
     by_hand2 = [all(dict((i, c) for i, c, _ in rows[e]["samples"])[i] for e in attack_ids) for i in range(N_TEST)]
     assert acc2 == pytest.approx(sum(by_hand2) / N_TEST) and acc2 >= acc
-    assert worst_case(store, ids[:1]) == (pytest.approx(outcomes[0].robust_acc), N_TEST)
-    assert worst_case(store, ids + ids) == (acc, n)  # a repeated id is the same evaluation
+    assert store.sample_matrix(ids[:1]).worst_case() == (pytest.approx(outcomes[0].robust_acc), N_TEST)
+    assert store.sample_matrix(ids + ids).worst_case() == (acc, n)  # a repeated id is the same evaluation
 
 
 def test_worst_case_over_different_sample_sets_uses_the_common_samples(store, checkpoint, data):
@@ -203,8 +190,8 @@ def test_worst_case_over_different_sample_sets_uses_the_common_samples(store, ch
     common = eval_indices(N_TEST, 20)
     fgsm = {i: c for i, c, _ in rows[ids[0]]["samples"]}
     pgd = {i: c for i, c, _ in rows[ids[1]]["samples"]}
-    assert worst_case(store, ids) == (pytest.approx(sum(fgsm[i] and pgd[i] for i in common) / 20), 20)
-    assert worst_case(store, [])[1] == 0
+    assert store.sample_matrix(ids).worst_case() == (pytest.approx(sum(fgsm[i] and pgd[i] for i in common) / 20), 20)
+    assert store.sample_matrix([]).worst_case()[1] == 0
 
 
 # --------------------------------------------------------------------------- attacks that leave their threat model
@@ -235,7 +222,7 @@ class OutsideBox(Attack):
 @pytest.mark.parametrize("cls", [OutsideBall, OutsideBox])
 def test_an_attack_outside_its_threat_model_is_an_error(store, checkpoint, data, registered, cls):
     name = f"test_{cls.__name__.lower()}"
-    registered(name, cls)
+    registered(ATTACKS, name, cls)
     assert (data.test_x < EPS / 2).any()  # so OutsideBox really leaves [0, 1]
     with pytest.raises(BenchError, match=rf"attack '{name}' returned points outside \[0, 1\] or its Linf eps=0.1 ball"):
         evaluate_checkpoint(store, checkpoint, data, [AttackSpec("bad", name, {})], log=quiet)
@@ -256,7 +243,7 @@ class RecordsMode(Attack):
 
 
 def test_run_attack_uses_eval_mode_and_restores_the_mode(checkpoint, data, registered):
-    registered("test_records_mode", RecordsMode)
+    registered(ATTACKS, "test_records_mode", RecordsMode)
     RecordsMode.modes = []
     model, _ = load_model(checkpoint)
     model.train()
@@ -339,7 +326,7 @@ class FailsMidway(Attack):
 
 
 def test_an_attack_failing_midway_keeps_earlier_evaluations(store, checkpoint, data, registered):
-    registered("test_fails_midway", FailsMidway)
+    registered(ATTACKS, "test_fails_midway", FailsMidway)
     specs = SPECS + [AttackSpec("flaky", "test_fails_midway", {})]
 
     FailsMidway.fail, FailsMidway.batches = True, 0

@@ -3,8 +3,8 @@ the same passes and the same outcome when configured alike; unknown names are re
 
 import pytest
 
-from bench.errors import BenchError
-from bench.perf import perf_eval
+from bench.app.perf import perf_eval
+from bench.core.errors import BenchError
 
 
 def test_pairs_agree_and_are_timed(trained_model, synthetic):

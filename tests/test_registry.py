@@ -3,19 +3,21 @@ registered models (shapes, normalization inside the model, eval_mode)."""
 
 from __future__ import annotations
 
+import importlib
+import sys
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-from bench.attack import ATTACKS, load_attacks
-from bench.config import build_config, parse_number
-from bench.data import DATASETS
-from bench.defense import DEFENSES, load_defenses
-from bench.errors import BenchError
-from bench.models import MODELS, Normalize, build_model, build_model_from_spec, eval_mode
-from bench.registry import Registry
-from bench.threat import ThreatModel, check_eps, check_norm, format_eps, parse_eps
+from bench.core.attack import ATTACKS
+from bench.core.config import build_config, parse_number
+from bench.core.data import DATASETS
+from bench.core.defense import DEFENSES
+from bench.core.errors import BenchError
+from bench.core.models import MODELS, Normalize, build_model, build_model_from_spec, eval_mode
+from bench.core.registry import Registry
+from bench.core.threat import ThreatModel, check_eps, check_norm, format_eps, parse_eps
 
 # --------------------------------------------------------------------------- Registry
 
@@ -109,8 +111,8 @@ def test_unknown_name_is_not_a_keyerror(registry):
 
 
 EXPECTED = {
-    "defense": ({"natural", "fgsm_at", "fast_at", "pgd_at", "trades", "mart"}, lambda: load_defenses()),
-    "attack": ({"fgsm", "pgd", "mim"}, lambda: load_attacks()),
+    "defense": ({"natural", "fgsm_at", "fast_at", "pgd_at", "trades", "mart"}, lambda: DEFENSES),
+    "attack": ({"fgsm", "pgd", "mim"}, lambda: ATTACKS),
     "model": ({"small_cnn", "preact_resnet18", "wrn"}, lambda: MODELS),
     "dataset": ({"digits", "mnist", "mnist_t10k", "cifar10", "cifar100", "synthetic"}, lambda: DATASETS),
 }
@@ -125,18 +127,46 @@ def test_real_registries_hold_the_expected_names(kind):
 
 
 def test_real_registry_suggests_on_typo():
-    load_defenses()
     with pytest.raises(BenchError, match="Did you mean 'trades'"):
         DEFENSES.get("trade")
-    load_attacks()
     with pytest.raises(BenchError, match="Did you mean 'pgd'"):
         ATTACKS.get("pdg")
 
 
 def test_loading_twice_does_not_re_register():
     # importing the packages again must not trip the duplicate check
-    assert load_defenses() is load_defenses() is DEFENSES
-    assert load_attacks() is load_attacks() is ATTACKS
+    before = len(DEFENSES), len(ATTACKS)
+    importlib.import_module("defenses"), importlib.import_module("attacks")
+    DEFENSES.load(), ATTACKS.load()
+    assert (len(DEFENSES), len(ATTACKS)) == before
+
+
+def test_plugins_are_imported_on_the_first_lookup(tmp_path, monkeypatch):
+    package = tmp_path / "plugpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("from plugpkg import one  # noqa: F401\n")
+    (package / "one.py").write_text("from test_registry_plugins import REG\n\n@REG.register('one')\ndef one():\n    return 1\n")
+    (tmp_path / "test_registry_plugins.py").write_text(
+        "from bench.core.registry import Registry\nREG = Registry('thing', plugins=('plugpkg',))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reg = importlib.import_module("test_registry_plugins").REG
+    assert "plugpkg" not in sys.modules  # declaring the plugins imports nothing
+    assert reg.get("one")() == 1 and "plugpkg.one" in sys.modules
+    assert reg.names() == ["one"]
+
+
+def test_temporary_registrations_are_undone():
+    reg = Registry("thing")
+    reg.register("kept")(lambda: 0)
+    with reg.temporary():
+        reg.register("gone")(lambda: 1)
+        assert reg.names() == ["gone", "kept"]
+    assert reg.names() == ["kept"]
+    with pytest.raises(ZeroDivisionError):
+        with reg.temporary():
+            reg.register("gone")(lambda: 1)
+            1 / 0
+    assert reg.names() == ["kept"]
 
 
 # --------------------------------------------------------------------------- build_config
@@ -190,8 +220,6 @@ def test_build_config_coerces_int_and_fraction_to_float():
 
 
 def test_build_config_on_real_configs():
-    load_attacks()
-    load_defenses()
     pgd = ATTACKS.get("pgd")(eps=1, norm="L2", steps=3)
     assert pgd.config.eps == 1.0 and type(pgd.config.eps) is float
     with pytest.raises(BenchError, match="Did you mean 'steps'"):
@@ -235,7 +263,6 @@ def test_check_eps_messages():
 
 
 def test_attack_refuses_bad_threat():
-    load_attacks()
     with pytest.raises(BenchError):
         ATTACKS.get("pgd")(norm="Linf", eps=2.0)
     with pytest.raises(BenchError):

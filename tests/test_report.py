@@ -8,18 +8,21 @@ from html.parser import HTMLParser
 
 import pytest
 
-from bench.report import render_report
-from bench.store import Checkpoint, Evaluation, Run, SampleResult, SanityCheck, Store, TrainEpoch
+from bench.app.report import render_report
+from bench.core.threat import threat_key
+from bench.store import Store
+from bench.store.schema import Checkpoint, Evaluation, Run, RunCheckpoint, SampleResult, SanityCheck, TrainEpoch
 
 XSS = "<script>alert(1)</script>"
 EPS = 8 / 255
 
 
-def _evaluation(sha, label, attack, correct, indices=range(10), norm="Linf", eps=EPS):
+def _evaluation(checkpoint_id, label, attack, correct, indices=range(10), norm="Linf", eps=EPS):
     indices, correct = list(indices), set(correct)
     n_correct = sum(i in correct for i in indices)
     return Evaluation(
-        checkpoint_sha256=sha, label=label, attack=attack, norm=norm, eps=eps, config_hash=label,
+        checkpoint_id=checkpoint_id, label=label, attack=attack, norm=norm, eps=eps,
+        threat=None if norm is None else threat_key(norm, eps), config_hash=label,
         indices_hash=f"idx{len(indices)}", dataset="digits", n_samples=len(indices), n_correct=n_correct,
         robust_acc=n_correct / len(indices), forward_passes=100, backward_passes=90, seconds=1.5,
         implementation="atbench", role="attack", samples=[SampleResult(sample_index=i, correct=i in correct) for i in indices])
@@ -39,16 +42,19 @@ def report(tmp_path_factory):
     worst 40 on n=5; it ties A and ranks below it on clean accuracy."""
     tmp = tmp_path_factory.mktemp("report")
     store = Store(str(tmp / "r.db"))
-    a, b, c = "a" * 64, "b" * 64, "c" * 64
+    a, b, c = 1, 2, 3
     with store.session() as s:
         s.add_all([_run("run-a", XSS, "pgd_at"), _run("run-b", "trades-run", "trades")])
         s.flush()                                                  # checkpoints have no relationship to runs
         s.add_all([TrainEpoch(run_id="run-a", epoch=e, loss=2.0 / e, clean_acc=0.5 + 0.1 * e, robust_acc=0.2 + 0.1 * e,
                               lr=0.1, seconds=30.0) for e in (1, 2, 3)])
-        s.add_all([Checkpoint(run_id="run-a", kind="best", path="ck/a.pt", sha256=a, epoch=2),
-                   Checkpoint(run_id="run-b", kind="best", path="ck/b_best.pt", sha256=b, epoch=3),
-                   Checkpoint(run_id="run-b", kind="last", path="ck/b_last.pt", sha256=b, epoch=3),
-                   Checkpoint(run_id=None, kind="external", path="/models/ext_model.pt", sha256=c)])
+        s.add_all([Checkpoint(checkpoint_id=a, run_id="run-a", path="ck/a.pt", sha256="a" * 64, epoch=2),
+                   Checkpoint(checkpoint_id=b, run_id="run-b", path="ck/b_best.pt", sha256="b" * 64, epoch=3),
+                   Checkpoint(checkpoint_id=c, run_id=None, path="/models/ext_model.pt", sha256="c" * 64)])
+        s.flush()
+        s.add_all([RunCheckpoint(run_id="run-a", kind="best", checkpoint_id=a),
+                   RunCheckpoint(run_id="run-b", kind="best", checkpoint_id=b),
+                   RunCheckpoint(run_id="run-b", kind="last", checkpoint_id=b)])
         s.add_all([_evaluation(a, "clean", "clean", range(10), norm=None, eps=None),
                    _evaluation(a, "pgd100", "pgd", range(0, 7)),
                    _evaluation(a, "fgsm", "fgsm", range(3, 10)),
@@ -57,14 +63,15 @@ def report(tmp_path_factory):
                    _evaluation(b, "fgsm", "fgsm", range(6)),
                    _evaluation(c, "clean", "clean", range(8), norm=None, eps=None),
                    _evaluation(c, "pgd100", "pgd", [0, 1], indices=range(5))])
-        s.add_all([SanityCheck(checkpoint_sha256=a, norm="Linf", eps=EPS, name="zero_gradients", status="fail",
+        linf, l2 = dict(norm="Linf", eps=EPS, threat=threat_key("Linf", EPS)), dict(norm="L2", eps=0.5, threat="L2:0.5")
+        s.add_all([SanityCheck(checkpoint_id=a, **linf, name="zero_gradients", status="fail",
                                value=0.0, threshold=1e-8, summary="<b>bold</b> claim",
                                evidence={"note": "<img src=x onerror=alert(2)>"}),
-                   SanityCheck(checkpoint_sha256=a, norm="Linf", eps=EPS, name="noise_vs_gradient", status="warn",
+                   SanityCheck(checkpoint_id=a, **linf, name="noise_vs_gradient", status="warn",
                                value=0.1, threshold=0.05),
-                   SanityCheck(checkpoint_sha256=a, norm="Linf", eps=EPS, name="iterative_vs_single", status="pass",
+                   SanityCheck(checkpoint_id=a, **linf, name="iterative_vs_single", status="pass",
                                value=0.0, threshold=0.0),
-                   SanityCheck(checkpoint_sha256=b, norm="L2", eps=0.5, name="zero_gradients", status="fail",
+                   SanityCheck(checkpoint_id=b, **l2, name="zero_gradients", status="fail",
                                value=0.0, threshold=1e-8)])
     out = tmp / "reports"
     index = render_report(store, out)

@@ -8,19 +8,20 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from bench.checkpoint import sha256_file
-from bench.curves import CurveSettings
-from bench.data import load_dataset
-from bench.evaluation import AttackSpec, evaluate_checkpoint
-from bench.planted import PLANTS, plant
-from bench.sanity import (CHECKS, CheckContext, Record, grade, load_checks, mean_difference, paired,
-                          paired_difference, stored_checks, wilson)
-from bench.store import SanityCheck, Store
-from bench.threat import ThreatModel
-from bench.trainer import RunSpec, build_train_config, train
-
-load_checks()
-
+from bench.core.attack import ATTACKS
+from bench.core.check import CHECKS, CheckContext, Record, paired
+from bench.core.data import load_dataset
+from bench.core.planted import PLANTS
+from bench.core.stats import grade, mean_difference, paired_difference, wilson
+from bench.core.threat import ThreatModel
+from bench.engine.checkpoint import plant, sha256_file
+from bench.engine.curves import CurveSettings
+from bench.engine.evaluation import AttackSpec
+from bench.engine.runspec import RunSpec, build_train_config
+from bench.engine.stage import evaluate_checkpoint
+from bench.engine.trainer import train
+from bench.store import Store
+from bench.store.schema import SanityCheck
 
 # --------------------------------------------------------------------------- statistics
 
@@ -81,7 +82,7 @@ def record(label, attack, kind, correct, index=None, loss=None, eps=0.1, **diagn
 
 
 def context(attacks=(), curves=None) -> CheckContext:
-    return CheckContext(model=None, samples=None, threat=ThreatModel("Linf", 0.1), num_classes=10,
+    return CheckContext(model=None, x=None, y=None, threat=ThreatModel("Linf", 0.1), num_classes=10,
                         unbounded_eps=1.0, attacks=list(attacks), curves=curves or {})
 
 
@@ -187,9 +188,13 @@ def bench_dir(tmp_path_factory):
     return store, paths
 
 
+def stored_checks(store, path, threat: ThreatModel) -> list[SanityCheck]:
+    return store.stored_checks(store.checkpoint_by_sha(sha256_file(path)).checkpoint_id, threat.key)
+
+
 def statuses(bench_dir, name) -> dict[str, str]:
     store, paths = bench_dir
-    return {r.name: r.status for r in stored_checks(store, sha256_file(paths[name]), "Linf", EPS)}
+    return {r.name: r.status for r in stored_checks(store, paths[name], ThreatModel("Linf", EPS))}
 
 
 @pytest.mark.parametrize("name", ["natural", "pgd_at"])
@@ -210,7 +215,8 @@ def test_planted_failures_are_flagged_by_their_check(bench_dir, kind):
 def test_checks_are_stored_with_summaries_and_not_rerun(bench_dir, tmp_path):
     store, paths = bench_dir
     with store.session() as s:
-        rows = s.scalars(select(SanityCheck).where(SanityCheck.checkpoint_sha256 == sha256_file(paths["softmax"]))).all()
+        rows = s.scalars(select(SanityCheck).where(
+            SanityCheck.checkpoint_id == store.checkpoint_by_sha(sha256_file(paths["softmax"])).checkpoint_id)).all()
     assert len(rows) == len(CHECKS.names())
     assert all(r.summary and r.device and r.config["checks"] == CHECKS.names() for r in rows)
     again = evaluate_checkpoint(store, paths["natural"], load_dataset("synthetic"), ATTACKS, curves=CURVES, sanity=True,
@@ -233,6 +239,6 @@ def test_catastrophically_overfitted_fgsm_model_is_flagged(tmp_path):
     curves = CurveSettings(n_samples=200, steps=(1, 10, 100), restarts=(1, 5))
     evaluate_checkpoint(store, path, data, attacks, curves=curves, sanity=True, checkpoint_root=tmp_path / "ck",
                         log=lambda _: None)
-    got = {r.name: r for r in stored_checks(store, sha256_file(path), "Linf", 0.3)}
+    got = {r.name: r for r in stored_checks(store, path, ThreatModel("Linf", 0.3))}
     assert got["fgsm_pgd_loss_gap"].status in ("warn", "fail"), got["fgsm_pgd_loss_gap"].summary
     assert got["fgsm_pgd_loss_gap"].value < 0.2

@@ -1,18 +1,37 @@
 """bench.store: round trip through a SQLite file, identity constraints, replacement of an
-evaluation, transactions that roll back, the recorded schema version, URL form."""
+evaluation, transactions that roll back, checkpoints by sha256, the per-sample matrix, the
+recorded schema revision and migrations (a schema-2 database from before Alembic, a schema-1
+one), URL form."""
 
 from __future__ import annotations
 
 import datetime as dt
+import gzip
 import sqlite3
+from pathlib import Path
 
+import numpy as np
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from bench.errors import BenchError
-from bench.store import (SCHEMA_VERSION, Checkpoint, Curve, Evaluation, Run, SampleResult, SanityCheck, SchemaInfo, Store,
-                         TrainEpoch, database_url)
+from bench.core.errors import BenchError
+from bench.core.threat import threat_key
+from bench.store import Store, database_url
+from bench.store.migrate import head_revision
+from bench.store.schema import (
+    Checkpoint,
+    Curve,
+    CurvePoint,
+    Evaluation,
+    Run,
+    RunCheckpoint,
+    SampleResult,
+    SanityCheck,
+    TrainEpoch,
+)
+
+SCHEMA_2_DUMP = Path(__file__).parent / "data" / "results-schema2.sql.gz"
 
 SHA = "ab" * 32
 PROV = {"git_commit": "0123abcd-dirty", "versions": {"torch": "2.13.0", "python": "3.11.0"},
@@ -30,9 +49,9 @@ def _run(run_id="run-1", **kw):
 
 
 def _evaluation(attack="pgd", config_hash="cfg1", indices_hash="idx1", seed=0, robust_acc=0.5, label="pgd20",
-                sha=SHA):
-    return Evaluation(checkpoint_sha256=sha, label=label, attack=attack, norm="Linf", eps=0.1,
-                      config_hash=config_hash, indices_hash=indices_hash, dataset="synthetic", n_samples=4,
+                checkpoint_id=1):
+    return Evaluation(checkpoint_id=checkpoint_id, label=label, attack=attack, norm="Linf", eps=0.1,
+                      threat=threat_key("Linf", 0.1), config_hash=config_hash, indices_hash=indices_hash, dataset="synthetic", n_samples=4,
                       n_correct=int(robust_acc * 4), robust_acc=robust_acc, forward_passes=84, backward_passes=80,
                       seconds=0.25, implementation="atbench", role="attack",
                       **{**PROV, "seed": seed}, config={"attack": attack, "params": {"steps": 20}})
@@ -53,6 +72,15 @@ def db(tmp_path, monkeypatch):
     return str(tmp_path / "results.db")
 
 
+@pytest.fixture
+def store(db):
+    """A new store holding checkpoints 1 and 2 (no run)."""
+    store = Store(db)
+    for sha in (SHA, "cd" * 32):
+        store.register_checkpoint(sha, f"{sha[:4]}.pt", PROV)
+    return store
+
+
 def test_round_trip_through_the_file(db):
     store = Store(db)
     with store.session() as s:
@@ -60,14 +88,14 @@ def test_round_trip_through_the_file(db):
         run.epoch_rows = [TrainEpoch(epoch=e, loss=1.0 / e, clean_acc=0.5 + 0.1 * e, robust_acc=0.25 + 0.05 * e,
                                      lr=0.1 * 0.1 ** (e - 1), seconds=1.5 * e) for e in (1, 2, 3)]
         s.add(run)
-        s.flush()
-        store.set_checkpoint(s, "run-1", "best", "checkpoints/run-1/best.pt", SHA, 2,
-                             config={"checkpoint": "best"}, **PROV)
-        s.add(SanityCheck(checkpoint_sha256=SHA, norm="Linf", eps=0.1, name="zero_gradients", status="warn", value=1e-9, threshold=1e-8,
-                          evidence={"fraction": 0.25, "samples": [3, 5]}, config={"check": "zero_gradients"}, **PROV))
-    evaluation = _evaluation()
-    store.save_evaluation(evaluation, [10, 3, 7, 42], [True, False, True, False], [0.1, 0.0999, 0.05, 0.1])
-    assert evaluation.evaluation_id is not None
+    checkpoint_id = store.register_checkpoint(SHA, "checkpoints/run-1/best.pt", {**PROV, "config": {"checkpoint": "best"}},
+                                              run_id="run-1", epoch=2, kind="best")
+    store.replace_checks(checkpoint_id, threat_key("Linf", 0.1), [
+        SanityCheck(norm="Linf", eps=0.1, name="zero_gradients", status="warn", value=1e-9, threshold=1e-8,
+                    evidence={"fraction": 0.25, "samples": [3, 5]}, config={"check": "zero_gradients"}, **PROV)])
+    evaluation = _evaluation(checkpoint_id=checkpoint_id)
+    assert store.save_evaluation(evaluation, [10, 3, 7, 42], [True, False, True, False],
+                                 [0.1, 0.0999, 0.05, 0.1]) == evaluation.evaluation_id is not None
 
     # a second Store over the same file (a new process would see the same)
     again = Store(db)
@@ -91,8 +119,9 @@ def test_round_trip_through_the_file(db):
 
         ck = s.scalars(select(Checkpoint)).all()
         assert len(ck) == 1
-        assert (ck[0].run_id, ck[0].kind, ck[0].path, ck[0].sha256, ck[0].epoch) == \
-            ("run-1", "best", "checkpoints/run-1/best.pt", SHA, 2)
+        assert (ck[0].run_id, ck[0].path, ck[0].sha256, ck[0].epoch) == ("run-1", "checkpoints/run-1/best.pt", SHA, 2)
+        assert [(r.run_id, r.kind, r.checkpoint_id) for r in s.scalars(select(RunCheckpoint))] == \
+            [("run-1", "best", ck[0].checkpoint_id)]
         assert ck[0].config == {"checkpoint": "best"}
         assert (ck[0].git_commit, ck[0].versions, ck[0].device, ck[0].seed) == \
             (PROV["git_commit"], PROV["versions"], PROV["device"], PROV["seed"])
@@ -100,7 +129,7 @@ def test_round_trip_through_the_file(db):
 
         ev = s.scalars(select(Evaluation)).one()
         got = _columns(ev)
-        want = _columns(_evaluation())
+        want = _columns(_evaluation(checkpoint_id=checkpoint_id))
         for key in want:
             if key not in ("evaluation_id", "created_at"):
                 assert got[key] == want[key], key
@@ -109,43 +138,45 @@ def test_round_trip_through_the_file(db):
             [(3, False, 0.0999), (7, True, 0.05), (10, True, 0.1), (42, False, 0.1)]  # ordered by index
 
         sc = s.scalars(select(SanityCheck)).one()
-        assert (sc.checkpoint_sha256, sc.name, sc.status, sc.value, sc.threshold) == \
-            (SHA, "zero_gradients", "warn", 1e-9, 1e-8)
+        assert (sc.checkpoint_id, sc.threat, sc.name, sc.status, sc.value, sc.threshold) == \
+            (checkpoint_id, "Linf:0.1", "zero_gradients", "warn", 1e-9, 1e-8)
         assert sc.evidence == {"fraction": 0.25, "samples": [3, 5]}
         assert sc.config == {"check": "zero_gradients"} and sc.git_commit == PROV["git_commit"]
         assert sc.created_at is not None
 
 
-def test_set_checkpoint_updates_in_place(db):
+def test_a_run_slot_moves_to_the_new_checkpoint_and_forgets_the_old_one_unless_it_has_results(db):
     store = Store(db)
     with store.session() as s:
         s.add(_run())
-        s.flush()
-        first = store.set_checkpoint(s, "run-1", "last", "a/last.pt", "1" * 64, 1, **PROV)
-    with store.session() as s:
-        second = store.set_checkpoint(s, "run-1", "last", "a/last.pt", "2" * 64, 2, **PROV)
-    assert second.checkpoint_id == first.checkpoint_id
-    with Store(db).session() as s:
-        rows = s.scalars(select(Checkpoint)).all()
-        assert [(r.kind, r.sha256, r.epoch) for r in rows] == [("last", "2" * 64, 2)]
+    first = store.register_checkpoint("1" * 64, "a/last.pt", PROV, run_id="run-1", epoch=1, kind="last")
+    second = store.register_checkpoint("2" * 64, "a/last.pt", PROV, run_id="run-1", epoch=2, kind="last")
+    assert second != first
+    assert {k: (c.sha256, c.epoch) for k, c in Store(db).run_checkpoints("run-1").items()} == {"last": ("2" * 64, 2)}
+    assert store.checkpoint(first) is None  # nothing referred to epoch 1's file: forgotten
+    store.save_evaluation(_evaluation(checkpoint_id=second), [0], [True])
+    third = store.register_checkpoint("3" * 64, "a/last.pt", PROV, run_id="run-1", epoch=3, kind="last")
+    assert store.checkpoint(second).sha256 == "2" * 64  # it has results: kept, no longer the run's
+    assert store.run_checkpoints("run-1")["last"].checkpoint_id == third
+    # one row per file: asking again for a known sha256 gives its id and updates the path
+    assert store.register_checkpoint("3" * 64, "moved/last.pt", PROV) == third
+    assert store.checkpoint(third).path == "moved/last.pt" and store.checkpoint(third).run_id == "run-1"
 
 
-def test_evaluation_identity_is_unique(db):
-    store = Store(db)
+def test_evaluation_identity_is_unique(store):
     store.save_evaluation(_evaluation(), [0, 1], [True, False])
     with pytest.raises(IntegrityError):
         with store.session() as s:
             s.add(_evaluation(label="another label, same identity", robust_acc=1.0))
     assert _count(store, Evaluation.__table__) == 1
     # each part of the identity distinguishes: these are all new evaluations
-    for kw in ({"attack": "fgsm"}, {"config_hash": "cfg2"}, {"indices_hash": "idx2"}, {"seed": 1}, {"sha": "cd" * 32}):
+    for kw in ({"attack": "fgsm"}, {"config_hash": "cfg2"}, {"indices_hash": "idx2"}, {"seed": 1}, {"checkpoint_id": 2}):
         with store.session() as s:
             s.add(_evaluation(**kw))
     assert _count(store, Evaluation.__table__) == 6
 
 
-def test_save_evaluation_replaces_the_same_identity(db):
-    store = Store(db)
+def test_save_evaluation_replaces_the_same_identity(store, db):
     store.save_evaluation(_evaluation(robust_acc=0.25), [0, 1, 2, 3], [True, False, False, False])
     other = _evaluation(seed=1)
     store.save_evaluation(other, [0, 1], [False, False])
@@ -161,8 +192,7 @@ def test_save_evaluation_replaces_the_same_identity(db):
         assert sorted(rows) == sorted([(newer.evaluation_id, 4), (other.evaluation_id, 2)])
 
 
-def test_a_failing_save_keeps_the_old_evaluation(db):
-    store = Store(db)
+def test_a_failing_save_keeps_the_old_evaluation(store, db):
     old = _evaluation(robust_acc=0.5)
     store.save_evaluation(old, [0, 1, 2, 3], [True, True, False, False])
     with pytest.raises(IntegrityError):
@@ -200,16 +230,124 @@ def test_foreign_keys_are_enforced(db):
     assert _count(store, TrainEpoch.__table__) == 0
 
 
-def test_schema_version_is_recorded(db):
+def test_schema_revision_is_recorded(db):
     Store(db)
     with sqlite3.connect(db) as con:
-        assert con.execute("select value from schema_info where key = 'schema_version'").fetchall() == \
-            [(str(SCHEMA_VERSION),)]
+        assert con.execute("select version_num from alembic_version").fetchall() == [(head_revision(),)]
         tables = {r[0] for r in con.execute("select name from sqlite_master where type = 'table'")}
-    assert {"runs", "train_epochs", "checkpoints", "evaluations", "sample_results", "sanity_checks",
-            "schema_info"} <= tables
-    with Store(db).session() as s:  # reopening does not add a second row
-        assert [(r.key, r.value) for r in s.scalars(select(SchemaInfo))] == [("schema_version", str(SCHEMA_VERSION))]
+    assert {"runs", "train_epochs", "checkpoints", "run_checkpoints", "evaluations", "sample_results", "curves",
+            "curve_points", "sanity_checks", "alembic_version"} == tables
+    Store(db)  # reopening neither adds a row nor migrates
+    with sqlite3.connect(db) as con:
+        assert con.execute("select version_num from alembic_version").fetchall() == [(head_revision(),)]
+
+
+def test_no_float_in_a_unique_key():
+    for table in (Evaluation, Curve, CurvePoint, SanityCheck, Checkpoint, RunCheckpoint):
+        keys = [c for c in table.__table__.primary_key.columns]
+        for constraint in table.__table__.constraints:
+            keys += list(getattr(constraint, "columns", []))
+        assert not any(c.type.python_type is float for c in keys), table.__tablename__
+
+
+def test_sample_matrix_pairs_the_samples_all_evaluations_cover(store):
+    a = store.save_evaluation(_evaluation(config_hash="a"), [0, 1, 2, 3], [True, True, False, True], losses=[1, 2, 3, 4])
+    b = store.save_evaluation(_evaluation(config_hash="b"), [1, 2, 3, 9], [False, True, True, True])
+    m = store.sample_matrix([b, a])
+    assert m.index.tolist() == [1, 2, 3]
+    assert m.correct.tolist() == [[False, True], [True, False], [True, True]]
+    assert np.isnan(m.loss[:, 0]).all() and m.loss[:, 1].tolist() == [2, 3, 4]
+    assert m.worst_case() == (pytest.approx(1 / 3), 3)
+    assert store.sample_matrix([]).worst_case()[1] == 0
+
+
+def _schema_2_database(path: Path) -> None:
+    """A results.db written by the last release before Alembic (schema 2): a tiny suite with a
+    planted checkpoint, curves and checks, and `bench eval` of a checkpoint trained elsewhere."""
+    with sqlite3.connect(path) as con:
+        con.executescript(gzip.decompress(SCHEMA_2_DUMP.read_bytes()).decode())
+
+
+def test_a_schema_2_database_migrates_without_loss(tmp_path):
+    path = tmp_path / "old.db"
+    _schema_2_database(path)
+    with sqlite3.connect(path) as con:
+        old = {
+            "evaluations": con.execute("select evaluation_id, checkpoint_sha256, label, attack, norm, eps, config_hash, "
+                                       "indices_hash, n_correct, robust_acc, role, diagnostics from evaluations").fetchall(),
+            "samples": con.execute("select * from sample_results").fetchall(),
+            "runs": con.execute("select * from runs").fetchall(),
+            "epochs": con.execute("select * from train_epochs").fetchall(),
+            "slots": con.execute("select run_id, kind, sha256, path, epoch from checkpoints").fetchall(),
+            "curves": con.execute("select c.curve_id, c.checkpoint_sha256, c.name, p.x, p.evaluation_id from curves c "
+                                  "join curve_points p on p.curve_id = c.curve_id").fetchall(),
+            "checks": con.execute("select checkpoint_sha256, norm, eps, name, status, value, summary from "
+                                  "sanity_checks").fetchall(),
+        }
+    assert len(old["evaluations"]) == 43 and len(old["samples"]) == 396 and len(old["checks"]) == 102
+    store = Store(str(path))
+    with sqlite3.connect(path) as con:
+        assert con.execute("select version_num from alembic_version").fetchall() == [(head_revision(),)]
+        sha = dict(con.execute("select checkpoint_id, sha256 from checkpoints").fetchall())
+        assert len(sha) == len(set(sha.values())) == 6  # 5 files of the suite's runs, 1 evaluated from elsewhere
+        new = {
+            "evaluations": [(i, sha[c], label, attack, norm, eps, ch, ih, nc, acc, role, diag) for
+                            i, c, label, attack, norm, eps, ch, ih, nc, acc, role, diag in con.execute(
+                                "select evaluation_id, checkpoint_id, label, attack, norm, eps, config_hash, "
+                                "indices_hash, n_correct, robust_acc, role, diagnostics from evaluations")],
+            "samples": con.execute("select * from sample_results").fetchall(),
+            "runs": con.execute("select * from runs").fetchall(),
+            "epochs": con.execute("select * from train_epochs").fetchall(),
+            "slots": [(r, k, sha[c], p, e) for r, k, c, p, e in con.execute(
+                "select s.run_id, s.kind, c.checkpoint_id, c.path, c.epoch from run_checkpoints s "
+                "join checkpoints c on c.checkpoint_id = s.checkpoint_id")],
+            "curves": [(i, sha[c], n, x, e) for i, c, n, x, e in con.execute(
+                "select c.curve_id, c.checkpoint_id, c.name, p.x, p.evaluation_id from curves c "
+                "join curve_points p on p.curve_id = c.curve_id")],
+            "checks": [(sha[c], n, e, name, st, v, sm) for c, n, e, name, st, v, sm in con.execute(
+                "select checkpoint_id, norm, eps, name, status, value, summary from sanity_checks")],
+        }
+        threats = {r[0] for r in con.execute("select threat from evaluations where threat is not null")}
+        check_threats = {r[0] for r in con.execute("select threat from sanity_checks")}
+        external = con.execute("select path, run_id from checkpoints where sha256 not in "
+                               "(select sha256 from checkpoints where run_id is not null)").fetchall()
+    for key in old:
+        assert sorted(map(repr, new[key])) == sorted(map(repr, old[key])), key
+    assert threats == {"Linf:0.1", "Linf:0.4"} and check_threats == {"Linf:0.1"}  # eps 0.4: a curve point
+    assert external == [("/tmp/legacy/external2.pt", None)]  # its path from the evaluation's recorded config
+    # the migrated store works: the same worst case as the old rows give, and new rows go in
+    with store.session() as s:
+        ids = [e.evaluation_id for e in s.scalars(select(Evaluation).where(Evaluation.checkpoint_id == 1,
+                                                                           Evaluation.role == "attack"))]
+    assert store.sample_matrix(ids).worst_case()[1] > 0
+    store.save_evaluation(_evaluation(checkpoint_id=1, config_hash="new"), [0], [True])
+
+
+def test_a_schema_1_database_is_migrated_and_keeps_its_rows(tmp_path):
+    """Schema 1 lacked evaluations.role/mean_loss/diagnostics, sample_results.loss,
+    sanity_checks.summary and the curve tables: opening it adds them and keeps every row."""
+    path = tmp_path / "old.db"
+    _schema_2_database(path)
+    with sqlite3.connect(path) as con:
+        con.execute("drop index ix_evaluations_role")
+        for table, column in [("evaluations", "role"), ("evaluations", "mean_loss"), ("evaluations", "diagnostics"),
+                              ("sample_results", "loss")]:
+            con.execute(f"alter table {table} drop column {column}")
+        con.execute("drop table sanity_checks")  # schema 1's, keyed by (checkpoint, name), never written
+        con.execute("create table sanity_checks (sanity_check_id integer primary key, checkpoint_sha256 varchar(64), "
+                    "name varchar(100), status varchar(10), value float, threshold float, evidence json)")
+        con.execute("drop table curve_points")
+        con.execute("drop table curves")
+        con.execute("update schema_info set value = '1' where key = 'schema_version'")
+        n_evaluations = con.execute("select count(*) from evaluations").fetchone()[0]
+    store = Store(str(path))
+    with store.session() as s:
+        evs = s.scalars(select(Evaluation)).all()
+        assert len(evs) == n_evaluations and all(e.role == "attack" and e.mean_loss is None for e in evs)
+        assert all(r.loss is None for r in evs[0].samples) and len(evs[0].samples) > 0
+    assert _count(store, Curve) == 0 and _count(store, SanityCheck) == 0
+    with sqlite3.connect(path) as con:
+        assert ("ix_evaluations_role",) in con.execute("select name from sqlite_master where type = 'index'").fetchall()
 
 
 def test_sqlalchemy_url_form(tmp_path, monkeypatch):
@@ -227,43 +365,23 @@ def test_sqlalchemy_url_form(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("via_url.db")) == []
 
 
-def test_a_version_1_database_is_migrated_and_keeps_its_rows(db):
-    """Schema 1 lacked evaluations.role/mean_loss/diagnostics, sample_results.loss,
-    sanity_checks.summary and the curve tables: opening it adds them and keeps every row."""
-    store = Store(db)
-    store.save_evaluation(_evaluation(), [0, 1, 2, 3], [True, False, True, False], [0.1, 0.1, 0.1, 0.1])
-    store.engine.dispose()
-    with sqlite3.connect(db) as con:
-        con.execute("drop index ix_evaluations_role")
-        for table, column in [("evaluations", "role"), ("evaluations", "mean_loss"), ("evaluations", "diagnostics"),
-                              ("sample_results", "loss")]:
-            con.execute(f"alter table {table} drop column {column}")
-        con.execute("drop table sanity_checks")  # schema 1's, keyed by (checkpoint, name), never written
-        con.execute("create table sanity_checks (sanity_check_id integer primary key, checkpoint_sha256 varchar(64), "
-                    "name varchar(100), status varchar(10), value float, threshold float, evidence json)")
-        con.execute("drop table curve_points")
-        con.execute("drop table curves")
-        con.execute("update schema_info set value = '1' where key = 'schema_version'")
-    store = Store(db)
-    with store.session() as s:
-        (ev,) = s.scalars(select(Evaluation)).all()
-        assert ev.role == "attack" and ev.mean_loss is None and ev.robust_acc == 0.5
-        assert [r.correct for r in ev.samples] == [True, False, True, False]
-        assert all(r.loss is None for r in ev.samples)
-        assert s.get(SchemaInfo, "schema_version").value == str(SCHEMA_VERSION)
-    assert _count(store, Curve) == 0 and _count(store, SanityCheck) == 0
-    with sqlite3.connect(db) as con:
-        assert ("ix_evaluations_role",) in con.execute("select name from sqlite_master where type = 'index'").fetchall()
-
-
-def test_wrong_schema_version_is_a_bench_error(db):
+def test_a_newer_schema_is_a_bench_error_and_left_alone(db):
     Store(db)
     with sqlite3.connect(db) as con:
-        con.execute("update schema_info set value = ? where key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
-    with pytest.raises(BenchError, match=rf"schema version {SCHEMA_VERSION + 1}"):
+        con.execute("update alembic_version set version_num = '9999'")
+    with pytest.raises(BenchError, match="schema revision 9999, which this atbench does not know"):
         Store(db)
-    with sqlite3.connect(db) as con:  # and it did not "fix" the recorded version
-        assert con.execute("select value from schema_info").fetchall() == [(str(SCHEMA_VERSION + 1),)]
+    with sqlite3.connect(db) as con:  # and it did not "fix" the recorded revision
+        assert con.execute("select version_num from alembic_version").fetchall() == [("9999",)]
+
+
+def test_a_database_that_is_not_ours_is_refused_and_left_alone(db):
+    with sqlite3.connect(db) as con:
+        con.execute("create table runs (id integer primary key, name text)")
+    before = Path(db).read_bytes()
+    with pytest.raises(BenchError, match="is not an atbench results store"):
+        Store(db)
+    assert Path(db).read_bytes() == before
 
 
 def test_unopenable_database_is_a_bench_error(tmp_path, monkeypatch):

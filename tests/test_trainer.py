@@ -1,4 +1,4 @@
-"""bench.trainer: a killed run resumes to the same weights, finished runs are skipped, a
+"""bench.engine.trainer: a killed run resumes to the same weights, finished runs are skipped, a
 diverged loss fails cleanly, LR schedules, config validation, run ids, best.pt selection."""
 
 from __future__ import annotations
@@ -19,14 +19,16 @@ import torch
 import torch.nn.functional as F
 from sqlalchemy import select
 
-from bench.checkpoint import MODEL_FORMAT, STATE_FORMAT, safe_load, sha256_file
-from bench.cli import main
-from bench.data import load_dataset
-from bench.defense import DEFENSES, Defense, load_defenses, register_defense
-from bench.errors import BenchError
-from bench.store import Checkpoint, Run, Store, TrainEpoch
-from bench.threat import ThreatModel
-from bench.trainer import OPTIMIZERS, SCHEDULES, RunSpec, TrainConfig, build_train_config, lr_at, train
+from bench.app.cli import main
+from bench.core.data import load_dataset
+from bench.core.defense import DEFENSES, Defense
+from bench.core.errors import BenchError
+from bench.core.threat import ThreatModel
+from bench.engine.checkpoint import MODEL_FORMAT, STATE_FORMAT, safe_load, sha256_file
+from bench.engine.runspec import OPTIMIZERS, SCHEDULES, RunSpec, TrainConfig, build_train_config, lr_at
+from bench.engine.trainer import train
+from bench.store import Store
+from bench.store.schema import Run, TrainEpoch
 
 OPTIONS = {"n_train": 128, "n_val": 32, "n_test": 48}
 FAST = {"epochs": 3, "batch_size": 32, "optimizer": "adam", "lr": 0.003, "weight_decay": 0.0, "val_steps": 3}
@@ -42,23 +44,6 @@ def spec_for(defense: str, defense_params=None, **train) -> RunSpec:
     return RunSpec(defense=defense, dataset="synthetic", model="small_cnn", threat=ThreatModel("Linf", 0.1),
                    train=build_train_config({**FAST, **train}), defense_params=dict(defense_params or {}),
                    dataset_options=OPTIONS, seed=0, label=defense)
-
-
-@pytest.fixture
-def registered():
-    """registered(name, cls): register a test defense; removed from the registry afterwards."""
-    load_defenses()
-    names = []
-
-    def register(name: str, cls):
-        assert name not in DEFENSES
-        register_defense(name)(cls)
-        names.append(name)
-        return cls
-
-    yield register
-    for name in names:
-        DEFENSES._items.pop(name, None)
 
 
 def files(folder: Path) -> dict[str, bytes]:
@@ -159,7 +144,7 @@ def test_second_train_of_a_finished_run_does_no_work(tmp_path, monkeypatch, caps
     def no_training(*args, **kwargs):
         raise AssertionError("training_step called for a finished run")
 
-    monkeypatch.setattr(load_defenses().get("natural"), "training_step", no_training)
+    monkeypatch.setattr(DEFENSES.get("natural"), "training_step", no_training)
     assert main(argv) == 0
     second = capsys.readouterr().out
     assert f"run {run_id} already trained (use --force to retrain)" in second
@@ -189,7 +174,7 @@ def test_nan_loss_fails_cleanly_and_keeps_the_last_good_checkpoint(tmp_path, dat
             loss = F.cross_entropy(model(x), y)
             return loss * float("nan") if ctx.epoch == 2 else loss
 
-    registered("test_nan_at_epoch_2", NaNAtEpoch2)
+    registered(DEFENSES, "test_nan_at_epoch_2", NaNAtEpoch2)
     spec = spec_for("test_nan_at_epoch_2")
     run_id = spec.run_id
     store = Store(str(tmp_path / "results.db"))
@@ -230,15 +215,18 @@ def test_piecewise_milestones_and_gamma():
 # --------------------------------------------------------------------------- (e) config validation
 
 def test_train_config_validation():
-    with pytest.raises(BenchError, match="unknown optimizer 'adamw'; accepted: " + ", ".join(OPTIMIZERS)):
+    with pytest.raises(BenchError, match="unknown optimizer 'adamw'. Did you mean 'adam'. Accepted: "
+                                         + ", ".join(OPTIMIZERS)):
         build_train_config({"optimizer": "adamw"})
-    with pytest.raises(BenchError, match="unknown LR schedule 'linear'; accepted: " + ", ".join(SCHEDULES)):
+    with pytest.raises(BenchError, match="unknown LR schedule 'linear'.* Accepted: " + ", ".join(SCHEDULES)):
         build_train_config({"schedule": "linear"})
     with pytest.raises(BenchError, match="unknown parameter 'epoch' for training. Did you mean 'epochs'"):
         build_train_config({"epoch": 3})
-    with pytest.raises(BenchError, match="epochs and batch_size must be >= 1"):
+    with pytest.raises(BenchError, match="epochs must be >= 1, got 0"):
         build_train_config({"epochs": 0})
-    with pytest.raises(BenchError, match="lr must be a positive number"):
+    with pytest.raises(BenchError, match="batch_size must be >= 1, got -1"):
+        build_train_config({"batch_size": -1})
+    with pytest.raises(BenchError, match="lr must be > 0, got -0.1"):
         build_train_config({"lr": -0.1})
     with pytest.raises(BenchError, match="'lr' must be a number"):
         build_train_config({"lr": float("nan")})
@@ -290,7 +278,7 @@ def _epochs(store: Store, run_id: str) -> list[TrainEpoch]:
 def _check_best(store: Store, directory: Path, run_id: str, best_epoch: int) -> None:
     with store.session() as s:
         assert s.get(Run, run_id).best_epoch == best_epoch
-        rows = {c.kind: c for c in s.scalars(select(Checkpoint).where(Checkpoint.run_id == run_id))}
+        rows = store.run_checkpoints(run_id)
     assert rows["best"].epoch == best_epoch and rows["best"].sha256 == sha256_file(directory / "best.pt")
     assert rows["last"].sha256 == sha256_file(directory / "last.pt")
     assert safe_load(directory / "best.pt", MODEL_FORMAT)["epoch"] == best_epoch
@@ -329,7 +317,7 @@ def test_best_checkpoint_of_clean_selection_is_an_earlier_epoch(tmp_path, data, 
             target = (y + 1) % ctx.num_classes if ctx.epoch == 3 else y
             return F.cross_entropy(model(x), target)
 
-    registered("test_unlearn_at_epoch_3", Unlearn)
+    registered(DEFENSES, "test_unlearn_at_epoch_3", Unlearn)
     spec = spec_for("test_unlearn_at_epoch_3", epochs=3, batch_size=16)
     run_id = spec.run_id
     store = Store(str(tmp_path / "results.db"))

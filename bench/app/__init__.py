@@ -1,0 +1,1 @@
+"""The application: suites (TOML), the command line, the HTML report and the perf benchmarks."""

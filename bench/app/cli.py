@@ -1,0 +1,247 @@
+"""Command line: `python -m bench list | train | eval | run | report`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from bench.core.errors import BenchError
+
+DEFAULT_ATTACKS = ("fgsm", "pgd20=pgd:steps=20", "pgd100=pgd:steps=100", "pgd_cw=pgd:loss=cw,steps=30", "mim")
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BenchError(f"unknown device {name!r}; accepted: cpu, cuda, cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda was asked for, but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
+    p.add_argument("--db", default="results.db", help="SQLite file or SQLAlchemy URL (default: results.db)")
+    if data:
+        p.add_argument("--data-dir", default=None, help="folder holding dataset files (offline use)")
+        p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+        p.add_argument("--force", action="store_true", help="redo work that is already stored")
+
+
+def parse_attack(text: str):
+    """`LABEL=NAME:key=value,key=value`, `NAME:key=value` or `NAME`."""
+    from bench.core.config import parse_assignments
+    from bench.engine.evaluation import AttackSpec
+
+    label, sep, rest = text.partition("=")
+    if not sep or ":" in label:
+        label, rest = text.split(":", 1)[0], text
+    name, _, args = rest.partition(":")
+    return AttackSpec(label.strip(), name.strip(), parse_assignments([a for a in args.split(",") if a]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bench", description="Train and evaluate adversarial-training defenses; "
+                                     "store per-sample results in SQLite; render a static HTML leaderboard.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="list registered defenses, attacks, models and datasets")
+    p.add_argument("kind", nargs="?", choices=["defenses", "attacks", "models", "datasets"])
+
+    p = sub.add_parser("train", help="train one defense")
+    p.add_argument("--defense", required=True)
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--model", default="small_cnn")
+    p.add_argument("--norm", default=None, help="Linf or L2 (default: the dataset's)")
+    p.add_argument("--eps", default=None, help="training eps, a number or a fraction like 8/255 (default: the dataset's)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label", default=None)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="defense parameter (repeatable)")
+    p.add_argument("--train", action="append", metavar="KEY=VALUE", help="training parameter, e.g. lr=0.05 (repeatable)")
+    p.add_argument("--model-param", action="append", metavar="KEY=VALUE", help="model parameter (repeatable)")
+    p.add_argument("--dataset-option", action="append", metavar="KEY=VALUE",
+                   help="dataset option, e.g. n_train=512 for synthetic (repeatable)")
+    p.add_argument("--checkpoints", default="checkpoints", help="checkpoint folder (default: checkpoints)")
+    _common(p)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint with attacks")
+    p.add_argument("checkpoint")
+    p.add_argument("--attack", action="append", metavar="[LABEL=]NAME[:k=v,...]",
+                   help=f"attack to run (repeatable; default: {' '.join(DEFAULT_ATTACKS)}); norm and eps default to the checkpoint's")
+    p.add_argument("--n-samples", type=int, default=None, help="size of the fixed evaluation subset (default: whole test set)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--no-curves", action="store_true", help="skip the curves (accuracy/loss vs eps, steps, restarts)")
+    p.add_argument("--curve-samples", type=int, default=200, help="samples the curves use (default: 200)")
+    p.add_argument("--no-sanity", action="store_true", help="skip the sanity checks")
+    p.add_argument("--checkpoints", default="checkpoints", help="where runs an attack needs (a surrogate) are kept")
+    _common(p)
+
+    p = sub.add_parser("run", help="train and evaluate a suite, then render the report")
+    p.add_argument("--suite", required=True, help="suite TOML file, e.g. suites/demo.toml")
+    p.add_argument("--checkpoints", default="checkpoints")
+    p.add_argument("--reports", default="reports", help="report folder (default: reports)")
+    p.add_argument("--no-report", action="store_true")
+    _common(p)
+
+    p = sub.add_parser("perf", help="benchmarks that print figures")
+    what = p.add_subparsers(dest="what", required=True)
+    q = what.add_parser("eval", help="seconds and passes per attack, side by side with torchattacks")
+    q.add_argument("--checkpoint", default=None, help="model checkpoint (default: a PGD-trained small CNN on digits, "
+                   "trained once into --checkpoints)")
+    q.add_argument("--attack", action="append", metavar="NAME", help="attack to time (repeatable; default: all that "
+                   "torchattacks also has)")
+    q.add_argument("--n-samples", type=int, default=256, help="test samples attacked (default: 256)")
+    q.add_argument("--repeats", type=int, default=3, help="runs of each attack; the fastest is shown (default: 3)")
+    q.add_argument("--checkpoints", default="checkpoints")
+    q.add_argument("--data-dir", default=None)
+    q.add_argument("--device", default=None)
+    q.add_argument("--db", default="results.db")
+
+    p = sub.add_parser("report", help="render the HTML leaderboard from the store")
+    p.add_argument("--out", default="reports")
+    _common(p, data=False)
+    return parser
+
+
+def cmd_list(args) -> None:
+    from bench.core.attack import ATTACKS
+    from bench.core.data import DATASETS
+    from bench.core.defense import DEFENSES
+    from bench.core.models import MODELS
+
+    registries = {"defenses": DEFENSES, "attacks": ATTACKS, "models": MODELS, "datasets": DATASETS}
+    for kind, registry in registries.items():
+        if args.kind in (None, kind):
+            print(f"{kind}: {', '.join(registry.names())}")
+
+
+def cmd_train(args) -> None:
+    from bench.core.config import parse_assignments
+    from bench.core.data import load_dataset
+    from bench.core.threat import ThreatModel, parse_eps
+    from bench.engine.runspec import RunSpec, build_train_config
+    from bench.engine.trainer import train
+    from bench.store import Store
+
+    dataset_options = parse_assignments(args.dataset_option)
+    data = load_dataset(args.dataset, data_dir=args.data_dir, **dataset_options)
+    norm = args.norm or data.default_threat.norm
+    eps = parse_eps(args.eps, "--eps") if args.eps is not None else data.default_threat.eps
+    train_params = parse_assignments(args.train)
+    if args.epochs is not None:
+        train_params["epochs"] = args.epochs
+    spec = RunSpec(defense=args.defense, dataset=args.dataset, model=args.model, threat=ThreatModel(norm, eps),
+                   train=build_train_config(train_params), defense_params=parse_assignments(args.set),
+                   model_params=parse_assignments(args.model_param), dataset_options=dataset_options, seed=args.seed,
+                   label=args.label or args.defense)
+    spec.canonical()
+    result = train(spec, data, store=Store(args.db), checkpoint_root=args.checkpoints, device=_device(args.device),
+                   force=args.force)
+    state = "trained" if result.trained_now else "already trained (use --force to retrain)"
+    print(f"run {result.run_id} {state}: checkpoints in {result.directory}/ (best.pt, last.pt)")
+
+
+def cmd_eval(args) -> None:
+    from bench.core.config import build_config
+    from bench.core.data import load_dataset
+    from bench.core.threat import ThreatModel
+    from bench.engine.checkpoint import load_model
+    from bench.engine.curves import CurveSettings
+    from bench.engine.stage import evaluate_checkpoint
+    from bench.store import Store
+
+    _, meta = load_model(args.checkpoint)
+    specs = [parse_attack(a) for a in (args.attack or DEFAULT_ATTACKS)]
+    for spec in specs:
+        spec.params.setdefault("norm", meta["norm"])
+        spec.params.setdefault("eps", meta["eps"] if spec.params["norm"] == meta["norm"] else None)
+        if spec.params["eps"] is None:
+            raise BenchError(f"attack {spec.label!r} uses {spec.params['norm']} but the checkpoint was trained for "
+                             f"{meta['norm']}: give its eps, e.g. {spec.attack}:norm=\"L2\",eps=0.5")
+        spec.build()
+    curves = None if args.no_curves else build_config(CurveSettings, {"n_samples": args.curve_samples}, "--curve-samples")
+    data = load_dataset(meta["dataset"], data_dir=args.data_dir, **meta.get("dataset_options", {}))
+    store = Store(args.db)
+    print(f"evaluating {args.checkpoint} ({meta['dataset']}, trained for {meta['norm']} eps={meta['eps']:g})")
+    report = evaluate_checkpoint(store, args.checkpoint, data, specs, n_samples=args.n_samples, seed=args.seed,
+                                 batch_size=args.batch_size, device=_device(args.device), force=args.force,
+                                 curves=curves, sanity=not args.no_sanity, checkpoint_root=args.checkpoints)
+    outcomes = report.outcomes
+    acc, n = store.sample_matrix([o.evaluation_id for o in outcomes]).worst_case()
+    print(f"  {'worst case':<12} {acc:7.2%}  (per-sample AND over {len(outcomes)} evaluations, n={n})")
+    if not args.no_sanity:
+        for row in store.stored_checks(report.checkpoint_id, ThreatModel(meta["norm"], meta["eps"]).key):
+            if row.status in ("fail", "warn"):
+                print(f"  {row.status.upper():<4} {row.name}: {row.summary}")
+
+
+def cmd_run(args) -> None:
+    from bench.app.report import render_report
+    from bench.app.suite import load_suite, load_suite_data, run_suite
+    from bench.store import Store
+
+    suite = load_suite(args.suite)
+    device = _device(args.device)
+    data = load_suite_data(suite, args.data_dir)
+    store = Store(args.db)  # opened only once the input is known to be good
+    summary = run_suite(suite, data, store=store, checkpoint_root=args.checkpoints, device=device, force=args.force)
+    if summary.did_work:
+        print(f"[{suite.name}] trained {summary.trained} run(s), ran {summary.evaluated} evaluation(s); "
+              f"{summary.runs_cached} run(s) and {summary.evaluations_cached} evaluation(s) were already stored")
+    else:
+        print(f"[{suite.name}] nothing to do: all {summary.runs_cached} runs and {summary.evaluations_cached} "
+              f"evaluations are already in {args.db} (use --force to redo them)")
+    if not args.no_report:
+        index = render_report(store, args.reports)
+        print(f"report: {Path(index).resolve()}")
+
+
+def cmd_report(args) -> None:
+    from bench.app.report import render_report
+    from bench.store import Store
+
+    if "://" not in args.db and not os.path.exists(args.db):
+        raise BenchError(f"database {args.db!r} does not exist; run a suite first (python -m bench run --suite suites/demo.toml)")
+    index = render_report(Store(args.db), args.out)
+    print(f"report: {Path(index).resolve()}")
+
+
+def cmd_perf(args) -> None:
+    from bench.app.perf import DEFAULT_ATTACKS, load_reference, perf_eval
+    from bench.core.data import eval_indices
+
+    if args.repeats < 1 or args.n_samples < 1:
+        raise BenchError(f"--repeats and --n-samples must be >= 1, got {args.repeats} and {args.n_samples}")
+    device = _device(args.device)
+    model, data, norm, eps = load_reference(args.checkpoint, args.checkpoints, args.db, args.data_dir, device)
+    idx = torch.tensor(eval_indices(len(data.test_x), args.n_samples))
+    print(f"perf eval: {model.spec['name']} on {data.name}, {norm} eps={eps:g}, {len(idx)} samples, "
+          f"{args.repeats} repeats, {device}; torchattacks configured alike (paper budgets)")
+    perf_eval(model, data.test_x[idx], data.test_y[idx], norm, eps, data.num_classes,
+              names=args.attack or DEFAULT_ATTACKS, repeats=args.repeats, device=device)
+
+
+COMMANDS = {"list": cmd_list, "train": cmd_train, "eval": cmd_eval, "run": cmd_run, "perf": cmd_perf,
+            "report": cmd_report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished epochs and evaluations are saved; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,359 @@
+"""Results store: the one persistence boundary. Every query of the harness is a method of `Store`;
+the tables are in `bench.store.schema`, their history in the Alembic migrations of
+`bench/store/migrations` (`bench.store.migrate`).
+
+SQLite file (`results.db`) by default, any SQLAlchemy URL via `--db`. All access goes through
+`Store.session()`, one transaction that commits or rolls back as a whole.
+
+An evaluation's `role` is "attack" (asked for by a suite or `bench eval`: it is a leaderboard
+column) or "curve" (computed only as a point of a curve). A curve point that coincides with an
+attack evaluation shares its row.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import create_engine, delete, event, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from bench.core.errors import BenchError
+from bench.store.migrate import prepare_schema
+from bench.store.schema import (
+    Checkpoint,
+    Curve,
+    CurvePoint,
+    Evaluation,
+    Run,
+    RunCheckpoint,
+    SampleResult,
+    SanityCheck,
+    TrainEpoch,
+)
+
+
+def database_url(db: str) -> str:
+    """A plain path means a SQLite file; anything with '://' is an SQLAlchemy URL."""
+    return db if "://" in db else f"sqlite:///{os.path.abspath(db)}"
+
+
+@dataclass
+class SampleMatrix:
+    """Per-sample results of several evaluations on the samples all of them cover: `index` the
+    sample indices (sorted), `correct` and `loss` of shape (samples, evaluations), columns in the
+    order the evaluations were asked for."""
+
+    index: np.ndarray
+    correct: np.ndarray
+    loss: np.ndarray
+
+    def worst_case(self) -> tuple[float, int]:
+        """(accuracy, n) of the per-sample AND over the evaluations: the robust accuracy under all
+        of them, never the minimum of their accuracies."""
+        n = len(self.index)
+        return (float(self.correct.all(axis=1).mean()) if n else float("nan")), n
+
+
+def widest_per_label(rows: Sequence[Evaluation]) -> list[Evaluation]:
+    """Per label, the evaluation on the most samples, then the newest; in evaluation-id order. The
+    rule by which the checks and the report pick a leaderboard column's evaluation, so that a
+    narrower command never replaces a wider result."""
+    best: dict[str, Evaluation] = {}
+    for row in sorted(rows, key=lambda r: (r.n_samples, r.created_at, r.evaluation_id)):
+        best[row.label] = row
+    return sorted(best.values(), key=lambda r: r.evaluation_id)
+
+
+class Store:
+    def __init__(self, db: str = "results.db"):
+        self.url = database_url(db)
+        try:
+            self.engine = create_engine(self.url)
+        except (SQLAlchemyError, ImportError, ValueError) as exc:
+            raise BenchError(f"cannot open database {db!r}: {exc}") from None
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        try:
+            prepare_schema(self.url, db)
+        except SQLAlchemyError as exc:
+            raise BenchError(f"cannot open database {db!r}: {exc.__class__.__name__}: "
+                             f"{exc.orig if hasattr(exc, 'orig') else exc}") from None
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        s = self._sessions()
+        try:
+            yield s
+            s.commit()
+        except BaseException:
+            s.rollback()
+            raise
+        finally:
+            s.close()
+
+    # ------------------------------------------------------------------ runs
+
+    def sync_run(self, run_id: str, fields: dict, epochs: Sequence[dict], checkpoints: dict[str, tuple],
+                 provenance: dict) -> None:
+        """Write the run `run_id` as its state on disk says: its columns (`fields`; an empty label
+        keeps the stored one, else the defense's name), its epoch log and its checkpoints ({kind:
+        (path, sha256, epoch)}), so a lost or new database is rebuilt from the checkpoint folder."""
+        with self.session() as s:
+            run = s.get(Run, run_id) or Run(run_id=run_id)
+            s.add(run)
+            fields = {**fields, "label": fields.get("label") or run.label or fields["defense"]}
+            for key, value in {**fields, **provenance}.items():
+                setattr(run, key, value)
+            rows = {r.epoch: r for r in run.epoch_rows}
+            for log in epochs:
+                row = rows.get(log["epoch"])
+                if row is None:
+                    row = TrainEpoch(epoch=log["epoch"])
+                    run.epoch_rows.append(row)
+                for key, value in log.items():
+                    setattr(row, key, value)
+            s.flush()
+            for kind, (path, sha256, epoch) in checkpoints.items():
+                checkpoint = self._checkpoint(s, sha256, path, provenance, run_id=run_id, epoch=epoch)
+                self._slot(s, run_id, kind, checkpoint.checkpoint_id)
+
+    def fail_run(self, run_id: str, message: str) -> None:
+        with self.session() as s:
+            run = s.get(Run, run_id)
+            run.status, run.error = "failed", message
+
+    def run(self, run_id: str) -> Run | None:
+        with self.session() as s:
+            return s.get(Run, run_id)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def register_checkpoint(self, sha256: str, path: str, provenance: dict, *, run_id: str | None = None,
+                            epoch: int | None = None, kind: str | None = None) -> int:
+        """The id of the checkpoint with this sha256 (created if new; its path updated); with
+        `run_id` and `kind`, it becomes that run's `kind` checkpoint."""
+        with self.session() as s:
+            checkpoint = self._checkpoint(s, sha256, path, provenance, run_id=run_id, epoch=epoch)
+            if run_id is not None and kind is not None:
+                self._slot(s, run_id, kind, checkpoint.checkpoint_id)
+            return checkpoint.checkpoint_id
+
+    @staticmethod
+    def _checkpoint(s: Session, sha256: str, path: str, provenance: dict, *, run_id: str | None,
+                    epoch: int | None) -> Checkpoint:
+        row = s.scalar(select(Checkpoint).where(Checkpoint.sha256 == sha256))
+        if row is None:
+            row = Checkpoint(sha256=sha256, run_id=run_id, epoch=epoch, **provenance)
+            s.add(row)
+        row.path = path
+        if run_id is not None:
+            row.run_id, row.epoch = run_id, epoch
+        s.flush()
+        return row
+
+    @staticmethod
+    def _slot(s: Session, run_id: str, kind: str, checkpoint_id: int) -> None:
+        """Make the checkpoint the run's `kind`; the one it replaces is forgotten when nothing refers
+        to it (an epoch's last.pt overwritten by the next), kept when it has results."""
+        slot = s.get(RunCheckpoint, (run_id, kind))
+        if slot is None:
+            s.add(RunCheckpoint(run_id=run_id, kind=kind, checkpoint_id=checkpoint_id))
+            return
+        old, slot.checkpoint_id = slot.checkpoint_id, checkpoint_id
+        s.flush()
+        if old != checkpoint_id and not any(s.scalar(select(table).where(table.checkpoint_id == old).limit(1))
+                                            for table in (RunCheckpoint, Evaluation, Curve, SanityCheck)):
+            s.execute(delete(Checkpoint).where(Checkpoint.checkpoint_id == old))
+
+    def checkpoint(self, checkpoint_id: int) -> Checkpoint | None:
+        with self.session() as s:
+            return s.get(Checkpoint, checkpoint_id)
+
+    def checkpoint_by_sha(self, sha256: str) -> Checkpoint | None:
+        with self.session() as s:
+            return s.scalar(select(Checkpoint).where(Checkpoint.sha256 == sha256))
+
+    def run_checkpoints(self, run_id: str) -> dict[str, Checkpoint]:
+        """{kind: checkpoint} of a run."""
+        with self.session() as s:
+            rows = s.execute(select(RunCheckpoint.kind, Checkpoint).join(
+                Checkpoint, Checkpoint.checkpoint_id == RunCheckpoint.checkpoint_id).where(
+                RunCheckpoint.run_id == run_id)).all()
+        return {kind: checkpoint for kind, checkpoint in rows}
+
+    # ------------------------------------------------------------------ evaluations
+
+    def find_evaluation(self, checkpoint_id: int, attack: str, config_hash: str, indices_hash: str,
+                        seed: int) -> Evaluation | None:
+        with self.session() as s:
+            return self._find(s, checkpoint_id, attack, config_hash, indices_hash, seed)
+
+    @staticmethod
+    def _find(s: Session, checkpoint_id: int, attack: str, config_hash: str, indices_hash: str,
+              seed: int) -> Evaluation | None:
+        return s.scalar(select(Evaluation).where(
+            Evaluation.checkpoint_id == checkpoint_id, Evaluation.attack == attack,
+            Evaluation.config_hash == config_hash, Evaluation.indices_hash == indices_hash, Evaluation.seed == seed))
+
+    def save_evaluation(self, evaluation: Evaluation, indices: Sequence[int], correct: Sequence[bool],
+                        norms: Sequence[float] | None = None, losses: Sequence[float] | None = None) -> int:
+        """Insert an evaluation with its per-sample rows, replacing an older one with the same
+        identity in the same transaction (so a failure keeps the old one); returns its id. The
+        curve points that referred to the old row move to the new one, and an old leaderboard
+        column stays one."""
+        with self.session() as s:
+            old = self._find(s, evaluation.checkpoint_id, evaluation.attack, evaluation.config_hash,
+                             evaluation.indices_hash, evaluation.seed)
+            points = []
+            if old is not None:
+                points = [(p.curve_id, p.position, p.x) for p in
+                          s.scalars(select(CurvePoint).where(CurvePoint.evaluation_id == old.evaluation_id))]
+                if old.role == "attack":
+                    evaluation.role = "attack"
+                s.execute(delete(CurvePoint).where(CurvePoint.evaluation_id == old.evaluation_id))
+                s.delete(old)
+                s.flush()
+            evaluation.samples = [
+                SampleResult(sample_index=int(i), correct=bool(c),
+                             perturbation_norm=None if norms is None or norms[k] != norms[k] else float(norms[k]),
+                             loss=None if losses is None else float(losses[k]))
+                for k, (i, c) in enumerate(zip(indices, correct))]
+            s.add(evaluation)
+            s.flush()
+            s.add_all([CurvePoint(curve_id=curve_id, position=position, x=x, evaluation_id=evaluation.evaluation_id)
+                       for curve_id, position, x in points])
+            return evaluation.evaluation_id
+
+    def mark_attack(self, evaluation_id: int, label: str) -> None:
+        """Make a stored evaluation a leaderboard column named `label`."""
+        with self.session() as s:
+            row = s.get(Evaluation, evaluation_id)
+            row.role, row.label = "attack", label
+
+    def evaluations(self, evaluation_ids: Sequence[int]) -> dict[int, Evaluation]:
+        with self.session() as s:
+            return {e.evaluation_id: e for e in s.scalars(select(Evaluation).where(
+                Evaluation.evaluation_id.in_(list(evaluation_ids))))}
+
+    def attack_evaluations(self, checkpoint_id: int, threat: str) -> list[Evaluation]:
+        """Every leaderboard evaluation of the checkpoint at the threat model (by `ThreatModel.key`):
+        per label the one on the most samples, then the newest (`widest_per_label`), in id order."""
+        with self.session() as s:
+            rows = s.scalars(select(Evaluation).where(
+                Evaluation.checkpoint_id == checkpoint_id, Evaluation.role == "attack",
+                Evaluation.threat == threat)).all()
+        return widest_per_label(rows)
+
+    def clean_evaluation(self, checkpoint_id: int) -> Evaluation | None:
+        """The checkpoint's clean leaderboard evaluation on the most samples, then the newest."""
+        with self.session() as s:
+            rows = s.scalars(select(Evaluation).where(Evaluation.checkpoint_id == checkpoint_id,
+                                                      Evaluation.role == "attack", Evaluation.threat.is_(None))).all()
+        return next(iter(widest_per_label(rows)), None)
+
+    def sample_results(self, evaluation_ids: Sequence[int]) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """{evaluation id: (sample indices, correct, loss)}, each ordered by sample index (a missing
+        loss is NaN)."""
+        ids = list(evaluation_ids)
+        with self.session() as s:
+            rows = s.execute(select(SampleResult.evaluation_id, SampleResult.sample_index, SampleResult.correct,
+                                    SampleResult.loss).where(SampleResult.evaluation_id.in_(ids))
+                             .order_by(SampleResult.evaluation_id, SampleResult.sample_index)).all()
+        per: dict[int, list] = {eid: [] for eid in ids}
+        for eid, index, correct, loss in rows:
+            per[eid].append((index, bool(correct), float("nan") if loss is None else loss))
+        return {eid: (np.array([v[0] for v in values], dtype=np.int64), np.array([v[1] for v in values], bool),
+                      np.array([v[2] for v in values], float)) for eid, values in per.items()}
+
+    def sample_matrix(self, evaluation_ids: Sequence[int]) -> SampleMatrix:
+        """The evaluations' per-sample results on the samples all of them cover (see `SampleMatrix`):
+        what the worst case, the checks and the report all read."""
+        ids = list(dict.fromkeys(evaluation_ids))
+        results = self.sample_results(ids)
+        common = None
+        for index, _, _ in results.values():
+            common = index if common is None else np.intersect1d(common, index)
+        common = np.array([], dtype=np.int64) if common is None else common
+        correct = np.ones((len(common), len(evaluation_ids)), bool)
+        loss = np.full((len(common), len(evaluation_ids)), np.nan)
+        for k, eid in enumerate(evaluation_ids):
+            index, c, l = results[eid]
+            where = np.searchsorted(index, common)
+            correct[:, k], loss[:, k] = c[where], l[where]
+        return SampleMatrix(common, correct, loss)
+
+    # ------------------------------------------------------------------ curves
+
+    def save_curve(self, checkpoint_id: int, name: str, x_label: str, indices_hash: str, seed: int,
+                   points: dict[float, int], provenance: dict) -> int:
+        """Create or update the curve and point it at these evaluations ({x: evaluation id})."""
+        with self.session() as s:
+            curve = s.scalar(select(Curve).where(Curve.checkpoint_id == checkpoint_id, Curve.name == name,
+                                                 Curve.indices_hash == indices_hash, Curve.seed == seed))
+            if curve is None:
+                curve = Curve(checkpoint_id=checkpoint_id, name=name, indices_hash=indices_hash, x_label=x_label)
+                s.add(curve)
+            for key, value in {**provenance, "seed": seed}.items():
+                setattr(curve, key, value)
+            curve.points = []
+            s.flush()
+            curve.points = [CurvePoint(position=k, x=float(x), evaluation_id=eid)
+                            for k, (x, eid) in enumerate(sorted(points.items()))]
+            s.flush()
+            return curve.curve_id
+
+    def curves(self, checkpoint_id: int, indices_hash: str | None, seed: int) -> dict[str, list[tuple[float, int]]]:
+        """{curve name: [(x, evaluation id)]} of the checkpoint on one sample set and seed; with
+        `indices_hash` None, on the sample set of its newest curve."""
+        with self.session() as s:
+            query = select(Curve).where(Curve.checkpoint_id == checkpoint_id, Curve.seed == seed)
+            if indices_hash is None:
+                newest = s.scalars(query.order_by(Curve.created_at.desc(), Curve.curve_id.desc())).first()
+                if newest is None:
+                    return {}
+                indices_hash = newest.indices_hash
+            return {c.name: [(p.x, p.evaluation_id) for p in c.points]
+                    for c in s.scalars(query.where(Curve.indices_hash == indices_hash))}
+
+    # ------------------------------------------------------------------ sanity checks
+
+    def stored_checks(self, checkpoint_id: int, threat: str) -> list[SanityCheck]:
+        """The stored checks of a checkpoint under a threat model (by `ThreatModel.key`), failures first."""
+        with self.session() as s:
+            rows = list(s.scalars(select(SanityCheck).where(SanityCheck.checkpoint_id == checkpoint_id,
+                                                            SanityCheck.threat == threat)))
+        order = ("fail", "warn", "pass", "not-run")
+        return sorted(rows, key=lambda r: (order.index(r.status), r.name))
+
+    def replace_checks(self, checkpoint_id: int, threat: str, rows: Sequence[SanityCheck]) -> None:
+        """Store these checks of the checkpoint under the threat model, replacing those of the same names."""
+        with self.session() as s:
+            s.execute(delete(SanityCheck).where(SanityCheck.checkpoint_id == checkpoint_id,
+                                                SanityCheck.threat == threat,
+                                                SanityCheck.name.in_([r.name for r in rows])))
+            for row in rows:
+                row.checkpoint_id, row.threat = checkpoint_id, threat
+                s.add(row)
+
+    # ------------------------------------------------------------------ the report's bulk reads
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """Every table as a DataFrame, for the report (which sorts and formats with pandas)."""
+        tables = {"runs": Run, "epochs": TrainEpoch, "checkpoints": Checkpoint, "run_checkpoints": RunCheckpoint,
+                  "evaluations": Evaluation, "sanity": SanityCheck, "curves": Curve, "curve_points": CurvePoint}
+        with self.engine.connect() as con:
+            return {name: pd.read_sql(select(cls.__table__), con) for name, cls in tables.items()}
+
+
+def _sqlite_pragmas(dbapi_connection, _record):
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.close()
