@@ -26,6 +26,8 @@ class IterativeBeatsSingleStep(Check):
     (`strongest_iterative`: PGD, MIM, C&W-L∞, ...); where the suite has none, the eps curves'
     FGSM and PGD points at the threat eps."""
 
+    revision = 2  # 2: attacks chosen by their declared attributes (1: the ones named fgsm and pgd)
+
     def run(self, ctx):
         single = [r for r in ctx.attacks if r.kind == "gradient" and r.single_step]
         fgsm = min(single, key=lambda r: r.accuracy) if single else ctx.curve_point("eps:fgsm", ctx.threat.eps)
@@ -73,6 +75,8 @@ class AutoAttackVsPGD(Check):
     tiny CNN on the synthetic set 8.6 points, PGD-AT/TRADES/MART on digits 6–9 points), while the
     masked models measured here reach 48 (quantized input) and the masked defenses of the paper
     tens of points."""
+
+    revision = 2  # 2: attacks chosen by their declared attributes (1: the ones named autoattack and pgd)
 
     def run(self, ctx):
         ensembles = [r for r in ctx.attacks if r.ensemble]

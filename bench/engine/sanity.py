@@ -70,16 +70,15 @@ def build_context(evaluator: "Evaluator", samples: "SampleSet",
 
 def run_checks(evaluator: "Evaluator", samples: "SampleSet",
                curve_settings: CurveSettings | None) -> dict[str, CheckResult] | None:
-    """Run every registered check on the checkpoint's stored results and store them. Skipped,
-    returning None, when `force` is off and every check is stored with its current revision and
-    the same inputs."""
+    """Run the registered checks on the checkpoint's stored results and store them: every check
+    with `force`, else those not stored with their current revision and these inputs. Returns
+    their results, or None when there was none to run."""
     store, threat = evaluator.store, evaluator.threat
     ctx, inputs = build_context(evaluator, samples, curve_settings)
-    names = CHECKS.names()
     stored = {row.name: row for row in store.stored_checks(evaluator.checkpoint_id, threat.key)}
-    current = all(name in stored and stored[name].revision == CHECKS.get(name).revision
-                  and stored[name].inputs_hash == inputs for name in names)
-    if current and not evaluator.force:
+    names = [name for name in CHECKS.names() if evaluator.force or name not in stored
+             or stored[name].revision != CHECKS.get(name).revision or stored[name].inputs_hash != inputs]
+    if not names:
         return None
     results = {}
     for name in names:
