@@ -19,17 +19,8 @@ from bench.core.errors import BenchError
 from bench.core.threat import threat_key
 from bench.store import Store, database_url
 from bench.store.migrate import head_revision
-from bench.store.schema import (
-    Checkpoint,
-    Curve,
-    CurvePoint,
-    Evaluation,
-    Run,
-    RunCheckpoint,
-    SampleResult,
-    SanityCheck,
-    TrainEpoch,
-)
+from bench.store.schema import (Checkpoint, Curve, CurvePoint, Evaluation, Run, RunCheckpoint, SampleResult,
+                                SanityCheck, TrainEpoch)
 
 SCHEMA_2_DUMP = Path(__file__).parent / "data" / "results-schema2.sql.gz"
 

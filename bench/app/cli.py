@@ -26,6 +26,27 @@ def _device(name: str | None) -> torch.device:
     return device
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with every error on one line, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def count(minimum: int):
+    """An argparse type: an integer >= `minimum`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--db", default="results.db", help="SQLite file or SQLAlchemy URL (default: results.db)")
     if data:
@@ -47,9 +68,9 @@ def parse_attack(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bench", description="Train and evaluate adversarial-training defenses; "
+    parser = Parser(prog="bench", description="Train and evaluate adversarial-training defenses; "
                                      "store per-sample results in SQLite; render a static HTML leaderboard.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = sub.add_parser("list", help="list registered defenses, attacks, models and datasets")
     p.add_argument("kind", nargs="?", choices=["defenses", "attacks", "models", "datasets"])
@@ -60,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="small_cnn")
     p.add_argument("--norm", default=None, help="Linf or L2 (default: the dataset's)")
     p.add_argument("--eps", default=None, help="training eps, a number or a fraction like 8/255 (default: the dataset's)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=count(1), default=None)
+    p.add_argument("--seed", type=count(0), default=0)
     p.add_argument("--label", default=None)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="defense parameter (repeatable)")
     p.add_argument("--train", action="append", metavar="KEY=VALUE", help="training parameter, e.g. lr=0.05 (repeatable)")
@@ -75,11 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--attack", action="append", metavar="[LABEL=]NAME[:k=v,...]",
                    help=f"attack to run (repeatable; default: {' '.join(DEFAULT_ATTACKS)}); norm and eps default to the checkpoint's")
-    p.add_argument("--n-samples", type=int, default=None, help="size of the fixed evaluation subset (default: whole test set)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--n-samples", type=count(1), default=None, help="size of the fixed evaluation subset (default: whole test set)")
+    p.add_argument("--seed", type=count(0), default=0)
+    p.add_argument("--batch-size", type=count(1), default=256)
     p.add_argument("--no-curves", action="store_true", help="skip the curves (accuracy/loss vs eps, steps, restarts)")
-    p.add_argument("--curve-samples", type=int, default=200, help="samples the curves use (default: 200)")
+    p.add_argument("--curve-samples", type=count(1), default=200, help="samples the curves use (default: 200)")
     p.add_argument("--no-sanity", action="store_true", help="skip the sanity checks")
     p.add_argument("--checkpoints", default="checkpoints", help="where runs an attack needs (a surrogate) are kept")
     _common(p)
@@ -92,14 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("perf", help="benchmarks that print figures")
-    what = p.add_subparsers(dest="what", required=True)
+    what = p.add_subparsers(dest="what", required=True, parser_class=Parser)
     q = what.add_parser("eval", help="seconds and passes per attack, side by side with torchattacks")
     q.add_argument("--checkpoint", default=None, help="model checkpoint (default: a PGD-trained small CNN on digits, "
                    "trained once into --checkpoints)")
     q.add_argument("--attack", action="append", metavar="NAME", help="attack to time (repeatable; default: all that "
                    "torchattacks also has)")
-    q.add_argument("--n-samples", type=int, default=256, help="test samples attacked (default: 256)")
-    q.add_argument("--repeats", type=int, default=3, help="runs of each attack; the fastest is shown (default: 3)")
+    q.add_argument("--n-samples", type=count(1), default=256, help="test samples attacked (default: 256)")
+    q.add_argument("--repeats", type=count(1), default=3, help="runs of each attack; the fastest is shown (default: 3)")
     q.add_argument("--checkpoints", default="checkpoints")
     q.add_argument("--data-dir", default=None)
     q.add_argument("--device", default=None)
@@ -210,7 +231,7 @@ def cmd_report(args) -> None:
 
     if "://" not in args.db and not os.path.exists(args.db):
         raise BenchError(f"database {args.db!r} does not exist; run a suite first (python -m bench run --suite suites/demo.toml)")
-    index = render_report(Store(args.db), args.out)
+    index = render_report(Store(args.db, readonly=True), args.out)
     print(f"report: {Path(index).resolve()}")
 
 
@@ -218,8 +239,6 @@ def cmd_perf(args) -> None:
     from bench.app.perf import DEFAULT_ATTACKS, load_reference, perf_eval
     from bench.core.data import eval_indices
 
-    if args.repeats < 1 or args.n_samples < 1:
-        raise BenchError(f"--repeats and --n-samples must be >= 1, got {args.repeats} and {args.n_samples}")
     device = _device(args.device)
     model, data, norm, eps = load_reference(args.checkpoint, args.checkpoints, args.db, args.data_dir, device)
     idx = torch.tensor(eval_indices(len(data.test_x), args.n_samples))

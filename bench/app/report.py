@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from bench.core.errors import BenchError
 from bench.core.threat import format_eps
 from bench.store import Store
 
@@ -29,7 +30,12 @@ ROW = TM + ["checkpoint_id"]                      # one leaderboard row
 def render_report(store: Store, out_dir: str | Path = "reports") -> Path:
     """Write the report into `out_dir` and return the path of its `index.html`."""
     out = Path(out_dir)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise BenchError(f"report folder {str(out)!r} is a file: give a folder (--out reports)")
+    try:
+        (out / "runs").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BenchError(f"cannot write the report into {str(out)!r}: {exc.strerror or exc}") from None
     for stale in (out / "runs").glob("*.html"):
         stale.unlink()
     d = _load(store)

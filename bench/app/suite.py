@@ -28,7 +28,7 @@ from typing import Any
 import tomllib
 import torch
 
-from bench.core.config import build_config
+from bench.core.config import build_config, require, require_choice
 from bench.core.data import Dataset, load_dataset
 from bench.core.errors import BenchError
 from bench.core.planted import PLANTS
@@ -58,6 +58,11 @@ class EvalSettings:
     checkpoints: tuple[str, ...] = ("best", "last")
     curves: bool = True
     sanity: bool = True
+
+    def __post_init__(self):
+        require(self, at_least_one=("n_samples", "batch_size"), non_negative=("seed",))
+        for kind in self.checkpoints:
+            require_choice(kind, CHECKPOINT_KINDS, "checkpoint kind")
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,11 @@ def parse_suite(doc: dict[str, Any], path: Path) -> Suite:
     model = model_table.pop("name", "small_cnn")
     train_defaults = _table(doc, "training", where)
     seed = doc.get("seed", 0)
+    if type(seed) is not int or seed < 0:
+        raise BenchError(f"{where}: seed must be an integer >= 0, got {seed!r}")
+    for key in ("name", "description", "dataset"):
+        if key in doc and not isinstance(doc[key], str):
+            raise BenchError(f"{where}: {key} must be a string, got {doc[key]!r}")
     dataset_options = _table(doc, "dataset_options", where)
 
     defenses = _table(doc, "defenses", where)
@@ -130,6 +140,9 @@ def parse_suite(doc: dict[str, Any], path: Path) -> Suite:
         raise BenchError(f"{where} has no [defenses.NAME] table")
     runs = []
     for label, entry in defenses.items():
+        if not isinstance(entry, dict):
+            raise BenchError(f"{where}: defenses.{label} must be a table ([defenses.{label}] with its parameters), "
+                             f"got {entry!r}")
         entry = dict(entry)
         overrides = entry.pop("training", {})
         model_over = dict(entry.pop("model", {}))
@@ -146,9 +159,15 @@ def parse_suite(doc: dict[str, Any], path: Path) -> Suite:
 
     attacks = []
     for label, entry in _table(doc, "attacks", where).items():
+        if not isinstance(entry, dict):
+            raise BenchError(f"{where}: attacks.{label} must be a table ([attacks.{label}] with its parameters), "
+                             f"got {entry!r}")
         params = dict(entry)
         name = params.pop("attack", label)
         params.setdefault("norm", threat.norm)
+        if "eps" not in params and params["norm"] != threat.norm:
+            raise BenchError(f"{where} [attacks.{label}] uses {params['norm']} but the suite's threat model is "
+                             f"{threat.norm}: give its eps (eps = ...)")
         params["eps"] = parse_eps(params.get("eps", threat.eps), f"attack {label!r} eps")
         spec = AttackSpec(label, name, params)
         spec.build()  # validates the attack name and parameters now
@@ -156,11 +175,9 @@ def parse_suite(doc: dict[str, Any], path: Path) -> Suite:
 
     settings = build_config(EvalSettings, _table(doc, "evaluation", where), f"{where} [evaluation]")
     curves = build_config(CurveSettings, _table(doc, "curves", where), f"{where} [curves]") if settings.curves else None
-    for table, kinds in (("[evaluation]", settings.checkpoints), ("[curves]", curves.checkpoints if curves else ())):
-        for kind in kinds:
-            if kind not in CHECKPOINT_KINDS:
-                raise BenchError(f"{where} {table} checkpoints: unknown kind {kind!r}; accepted: "
-                                 f"{', '.join(CHECKPOINT_KINDS)}")
+    for kind in curves.checkpoints if curves else ():
+        if kind not in CHECKPOINT_KINDS:
+            raise BenchError(f"{where} [curves] checkpoints: unknown kind {kind!r}; accepted: {', '.join(CHECKPOINT_KINDS)}")
     planted = []
     for label, entry in _table(doc, "planted", where).items():
         _check_keys(entry, ("from", "kind", "checkpoint"), f"{where} [planted.{label}]")

@@ -3,16 +3,8 @@ AutoAttack gap, silent successes."""
 
 from __future__ import annotations
 
-from bench.core.check import (
-    Check,
-    CheckResult,
-    not_run,
-    ordering,
-    paired,
-    register_check,
-    strongest_iterative,
-    white_box,
-)
+from bench.core.check import (Check, CheckResult, not_run, ordering, paired, register_check, strongest_iterative,
+                              white_box)
 from bench.core.stats import grade, paired_difference
 
 GAP_WARN, GAP_FAIL = 0.10, 0.20

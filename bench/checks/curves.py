@@ -2,18 +2,8 @@
 
 from __future__ import annotations
 
-from bench.core.check import (
-    ORDER_MARGIN,
-    Check,
-    CheckResult,
-    Record,
-    curve,
-    newly_broken,
-    not_run,
-    ordering,
-    paired,
-    register_check,
-)
+from bench.core.check import (ORDER_MARGIN, Check, CheckResult, Record, curve, newly_broken, not_run, ordering, paired,
+                              register_check)
 from bench.core.stats import grade, mean_difference, paired_difference, wilson
 
 

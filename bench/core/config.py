@@ -101,18 +101,20 @@ def _coerce(value: Any, hint: Any, what: str) -> Any:
 
 def resolve_params(func, params: dict[str, Any], skip: tuple[str, ...], owner: str) -> dict[str, Any]:
     """The keyword arguments `func` would get, defaults filled in and tuples as lists, so that
-    spelling out a default does not change a config's identity. Unknown names are BenchErrors."""
+    spelling out a default does not change a config's identity. Unknown names, and values of the
+    wrong type for an annotated parameter, are BenchErrors."""
+    if not isinstance(params, dict):
+        raise BenchError(f"parameters of {owner} must be a table of name = value, got {params!r}")
     signature = inspect.signature(func).parameters
     accepted = [name for name, p in signature.items()
                 if name not in skip and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     unknown = sorted(set(params) - set(accepted))
     if unknown:
-        close = difflib.get_close_matches(unknown[0], accepted, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise BenchError(f"unknown parameter(s) {', '.join(map(repr, unknown))} for {owner}.{hint} "
-                         f"Accepted: {', '.join(accepted) or 'none'}")
+        raise BenchError(f"unknown parameter(s) {', '.join(map(repr, unknown))} for {owner}."
+                         f"{suggest(unknown[0], accepted)} Accepted: {', '.join(accepted) or 'none'}")
+    hints = typing.get_type_hints(func)
     out = {name: signature[name].default for name in accepted if signature[name].default is not inspect.Parameter.empty}
-    out.update(params)
+    out.update({key: _coerce(value, hints.get(key, Any), f"{owner} parameter {key!r}") for key, value in params.items()})
     return {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(out.items())}
 
 

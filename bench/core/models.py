@@ -8,6 +8,7 @@ A model function's name is its registry key (timm style). Each takes the dataset
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Sequence
 
@@ -38,7 +39,11 @@ def build_model(name: str, *, num_classes: int, input_shape: Sequence[int], mean
     kwargs = model_params(name, kwargs)
     spec = {"name": name, "num_classes": int(num_classes), "input_shape": [int(s) for s in input_shape],
             "mean": [float(m) for m in mean], "std": [float(s) for s in std], "kwargs": kwargs}
-    net = MODELS.get(name)(num_classes=num_classes, input_shape=tuple(input_shape), **kwargs)
+    try:
+        net = MODELS.get(name)(num_classes=num_classes, input_shape=tuple(input_shape), **kwargs)
+    except (TypeError, ValueError, RuntimeError) as exc:  # e.g. an input too small for the architecture
+        raise BenchError(f"cannot build model {name!r} with {kwargs} for inputs {tuple(input_shape)} and "
+                         f"{num_classes} classes: {str(exc).splitlines()[0][:200]}") from None
     model = nn.Sequential()
     model.add_module("normalize", Normalize(mean, std))
     model.add_module("net", net)
@@ -47,8 +52,14 @@ def build_model(name: str, *, num_classes: int, input_shape: Sequence[int], mean
 
 
 def model_params(name: str, params: dict) -> dict:
-    """The model's keyword arguments with defaults filled in; unknown names are BenchErrors."""
-    return resolve_params(MODELS.get(name), params, ("num_classes", "input_shape"), f"model {name!r}")
+    """The model's keyword arguments with defaults filled in. Unknown names, values of the wrong
+    type and integers below 1 (every integer parameter of a registered model is a size: width,
+    hidden units, depth) are BenchErrors."""
+    out = resolve_params(MODELS.get(name), params, ("num_classes", "input_shape"), f"model {name!r}")
+    small = [f"{k} must be >= 1, got {v}" for k, v in out.items() if type(v) is int and v < 1]
+    if small:
+        raise BenchError(f"bad parameters for model {name!r}: {'; '.join(small)}")
+    return out
 
 
 def build_model_from_spec(spec: dict) -> nn.Module:
@@ -88,7 +99,7 @@ def mlp(num_classes: int, input_shape: tuple, hidden: int = 256, depth: int = 2,
     """A fully connected ReLU network (`depth` hidden layers of `hidden` units): a cheap second
     architecture for surrogates and ensembles on small images."""
     layers: list[nn.Module] = [nn.Flatten()]
-    width = int(torch.tensor(input_shape).prod())
+    width = math.prod(input_shape)
     for _ in range(depth):
         layers += [nn.Linear(width, hidden), nn.ReLU()]
         width = hidden

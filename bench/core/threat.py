@@ -26,6 +26,15 @@ class ThreatModel:
     def __str__(self) -> str:
         return f"{self.norm} eps={format_eps(self.eps)}"
 
+    def check_for(self, input_shape) -> "ThreatModel":
+        """BenchError when eps is implausible for inputs of `input_shape`: an L2 eps above the
+        diameter of the pixel cube √d (Linf: 1) lets any image be reached; returns self."""
+        top = 1.0 if self.norm == "Linf" else math.sqrt(math.prod(input_shape))
+        if self.eps > top:
+            raise BenchError(f"eps = {self.eps:g} is out of range for {self.norm} on inputs {tuple(input_shape)}: "
+                             f"the ball then covers every image; accepted: 0 to {top:g}")
+        return self
+
     @property
     def key(self) -> str:
         """The exact, canonical text of the threat model ("Linf:0.2", "Linf:0.03137254901960784"):

@@ -21,6 +21,7 @@ import torch.nn as nn
 from bench.core.errors import BenchError
 from bench.core.models import build_model_from_spec
 from bench.core.planted import PLANTS
+from bench.core.threat import check_eps, check_norm
 
 MODEL_FORMAT = "atbench-model"
 STATE_FORMAT = "atbench-train-state"
@@ -28,19 +29,39 @@ FORMAT_VERSION = 1
 
 
 def atomic_save(obj: dict, path: str | Path) -> None:
-    """Write via a temporary file and rename, so an interruption never leaves a torn file."""
+    """Write via a temporary file and rename, so an interruption never leaves a torn file; a
+    failed write (disk full, read-only folder) removes the temporary file and is a BenchError,
+    the previous file intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    _write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_copy(src: str | Path, dst: str | Path) -> None:
-    dst = Path(dst)
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    _write_atomically(Path(dst), lambda tmp: shutil.copyfile(src, tmp))
+
+
+def _write_atomically(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:160]
+        raise BenchError(f"cannot write {str(path)!r}: {reason}; the previous file, if any, is unchanged") from None
+
+
+def check_writable(folder: str | Path) -> None:
+    """BenchError unless files can be created in `folder` (created if missing), before any work."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise BenchError(f"cannot write checkpoints into {str(folder)!r}: {exc.strerror or exc}") from None
 
 
 def sha256_file(path: str | Path) -> str:
@@ -85,15 +106,54 @@ def model_checkpoint(model: nn.Module, *, run_id: str | None, epoch: int, datase
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild the model from a model checkpoint; returns (model in eval mode, metadata)."""
+    """Rebuild the model from a model checkpoint; returns (model in eval mode, metadata).
+
+    The metadata is validated, and the model is first built on the meta device (no memory) and
+    its parameter names and shapes compared with the weights the file holds, so a crafted spec
+    cannot make it allocate more than the file itself; the weights are then assigned, not copied.
+    Non-finite weights are refused."""
     obj = safe_load(path, MODEL_FORMAT)
-    try:
-        model = build_model_from_spec(obj["model_spec"])
-        model.load_state_dict(obj["state_dict"])
-    except (KeyError, TypeError, RuntimeError) as exc:
-        raise BenchError(f"checkpoint {str(path)!r} does not match its model spec: {str(exc).splitlines()[0][:200]}") from None
     meta = {k: v for k, v in obj.items() if k != "state_dict"}
+    _check_metadata(path, meta)
+    state = obj.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BenchError(f"checkpoint {str(path)!r} has no state_dict of tensors")
+    try:
+        with torch.device("meta"):
+            model = build_model_from_spec(meta["model_spec"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise BenchError(f"checkpoint {str(path)!r} has a model spec that builds no model: "
+                         f"{str(exc).splitlines()[0][:200]}") from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    present = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != present:
+        missing, extra = sorted(set(expected) - set(present)), sorted(set(present) - set(expected))
+        shapes = [k for k in set(expected) & set(present) if expected[k] != present[k]]
+        raise BenchError(f"checkpoint {str(path)!r} does not match its model spec: "
+                         + "; ".join(part for part in (f"missing {missing[:3]}" if missing else "",
+                                                       f"unexpected {extra[:3]}" if extra else "",
+                                                       f"shape of {shapes[0]}: spec {expected[shapes[0]]}, file "
+                                                       f"{present[shapes[0]]}" if shapes else "") if part))
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise BenchError(f"checkpoint {str(path)!r} has non-finite weights ({', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}): it cannot be evaluated")
+    model.load_state_dict(state, assign=True)
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        raise BenchError(f"checkpoint {str(path)!r}: the model has state its file does not hold")
     return model.eval(), meta
+
+
+def _check_metadata(path, meta: dict) -> None:
+    """One-line BenchError naming the first metadata field of the wrong type."""
+    types = {"model_spec": dict, "dataset": str, "dataset_options": dict, "norm": str, "eps": (int, float),
+             "epoch": (int, type(None))}
+    for key, kind in types.items():
+        if key not in meta or not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+            raise BenchError(f"checkpoint {str(path)!r} has bad metadata: {key} = {meta.get(key)!r} "
+                             f"(expected {kind.__name__ if isinstance(kind, type) else ' or '.join(k.__name__ for k in kind)})")
+    check_norm(meta["norm"])
+    check_eps(meta["eps"], meta["norm"])
 
 
 def plant(checkpoint: str | Path, kind: str, out: str | Path) -> Path:

@@ -37,6 +37,8 @@ def evaluate_checkpoint(store: Store, checkpoint: str | Path, data: Dataset, spe
     """Evaluate one checkpoint: clean, then `specs` in order, then the curves (`CurveSettings`, or
     None for none), then (with `sanity`) the sanity checks."""
     attacks = [(spec, spec.build()) for spec in specs]  # validate every spec before any work
+    for _, attack in attacks:
+        attack.threat.check_for(data.input_shape)
     evaluator = Evaluator(store, checkpoint, data, seed=seed, batch_size=batch_size, device=device, force=force,
                           checkpoint_root=checkpoint_root, log=log)
     samples = evaluator.samples(n_samples)

@@ -4,7 +4,13 @@ checkpoints and resume, timing, pass counting and the per-epoch log.
 
 Determinism: each epoch reseeds the data order, augmentation and the global RNG from
 (seed, epoch), and the LR is a pure function of the step, so a run resumed from the
-end of epoch k reproduces the uninterrupted run exactly (on the same device).
+end of epoch k reproduces the uninterrupted run exactly on the same device, torch version, CPU
+instruction set and thread count (all recorded in the run's provenance).
+
+Nothing stale or mixed: `state.pt` records the sha256 of `last.pt` and `best.pt` and digests of
+the code the weights depend on (the defense's module, the adversary library, this loop). A run
+trained by other code is not resumed (that would mix epochs of two versions) and a complete run
+whose checkpoint files changed after training is refused with both hashes, never re-pointed.
 """
 
 from __future__ import annotations
@@ -28,18 +34,11 @@ from bench.core.errors import BenchError
 from bench.core.models import build_model, eval_mode
 from bench.core.rng import epoch_seed
 from bench.core.threat import ThreatModel
-from bench.engine.checkpoint import (
-    FORMAT_VERSION,
-    STATE_FORMAT,
-    atomic_copy,
-    atomic_save,
-    model_checkpoint,
-    safe_load,
-    sha256_file,
-)
+from bench.engine.checkpoint import (FORMAT_VERSION, STATE_FORMAT, atomic_copy, atomic_save, check_writable,
+                                     model_checkpoint, safe_load, sha256_file)
 from bench.engine.counting import PassCounter, count_passes
 from bench.engine.pretrained import Pretrained
-from bench.engine.provenance import provenance
+from bench.engine.provenance import provenance, training_sources
 from bench.engine.runspec import RunSpec, TrainConfig, TrainResult, lr_at
 from bench.store import Store
 
@@ -77,6 +76,9 @@ def train(spec: RunSpec, data: Dataset, *, store: Store, checkpoint_root: str | 
     config = spec.canonical()
 
     defense: Defense = DEFENSES.get(spec.defense)(**spec.defense_params)
+    spec.threat.check_for(data.input_shape)
+    check_writable(directory)
+    sources = training_sources(type(defense))
     torch.manual_seed(spec.seed)
     model = build_model(spec.model, num_classes=data.num_classes, input_shape=data.input_shape,
                         mean=data.mean, std=data.std, **spec.model_params).to(device)
@@ -100,6 +102,7 @@ def train(spec: RunSpec, data: Dataset, *, store: Store, checkpoint_root: str | 
         optimizer.load_state_dict(saved["optimizer"])
         defense.load_state_dict(saved["defense"])
         state.update(saved["progress"])
+        _check_resumable(spec, saved, sources, directory, complete=state["epoch"] >= cfg.epochs, log=progress)
     prov = provenance(device, config, spec.seed)
     _sync_store(store, spec, run_id, state, directory, prov)
     if state["epoch"] >= cfg.epochs:
@@ -159,7 +162,7 @@ def train(spec: RunSpec, data: Dataset, *, store: Store, checkpoint_root: str | 
         log = {"epoch": epoch, "loss": loss_sum / seen, "clean_acc": clean, "robust_acc": robust,
                "lr": lr_at(cfg, ctx.step, total_steps), "seconds": seconds}
         state["log"] = state["log"] + [log]
-        _save_epoch(directory, model, optimizer, defense, spec, run_id, state, config, improved)
+        _save_epoch(directory, model, optimizer, defense, spec, run_id, state, config, improved, sources)
         _sync_store(store, spec, run_id, state, directory, prov)
         if progress:
             print(f"  {spec.label or spec.defense} epoch {epoch}/{cfg.epochs}: loss {log['loss']:.4f}  "
@@ -175,18 +178,42 @@ def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def _save_epoch(directory: Path, model, optimizer, defense, spec: RunSpec, run_id: str, state: dict,
-                config: dict, improved: bool) -> None:
-    """last.pt, then best.pt (a byte copy, so equal checkpoints share a sha256), then state.pt:
-    a kill at any point leaves a consistent, resumable set."""
+                config: dict, improved: bool, sources: dict) -> None:
+    """last.pt, then best.pt (a byte copy, so equal checkpoints share a sha256), then state.pt
+    with their hashes: a kill at any point leaves a consistent, resumable set."""
     ckpt = model_checkpoint(model, run_id=run_id, epoch=state["epoch"], dataset=spec.dataset,
                             dataset_options=config["dataset_options"], norm=spec.threat.norm, eps=spec.threat.eps)
     atomic_save(ckpt, directory / "last.pt")
     if improved:
         atomic_copy(directory / "last.pt", directory / "best.pt")
+    files = {kind: sha256_file(directory / f"{kind}.pt") for kind in ("last", "best")}
     atomic_save({"format": STATE_FORMAT, "version": FORMAT_VERSION, "run_id": run_id,
                  "config": json.dumps(config, sort_keys=True, default=list),
                  "model": ckpt["state_dict"], "optimizer": optimizer.state_dict(),
-                 "defense": defense.state_dict(), "progress": state}, directory / "state.pt")
+                 "defense": defense.state_dict(), "progress": state, "files": files, "sources": sources},
+                directory / "state.pt")
+
+
+def _check_resumable(spec: RunSpec, saved: dict, sources: dict, directory: Path, *, complete: bool,
+                     log: bool) -> None:
+    """Refuse to resume a run whose epochs so far were trained by other code, and a complete run
+    whose checkpoint files are not the ones training wrote; warn when a complete run was trained by
+    other code under the same revisions (its results are kept: the revisions say they stand)."""
+    changed = [part for part, digest in (saved.get("sources") or {}).items() if sources.get(part) != digest]
+    name = spec.label or spec.defense
+    if changed and not complete:
+        raise BenchError(f"run {spec.run_id} ({name}) was trained up to epoch {saved['progress']['epoch']} by other "
+                         f"code ({', '.join(changed)} changed since): resuming would mix epochs of two versions; bump "
+                         "the revision if results change (a new run), or retrain it with --force")
+    if changed and log:
+        print(f"  warning: {name}: the code of its {', '.join(changed)} changed since it was trained, under the same "
+              "revisions; its results are kept (bump the revision if they can change)", flush=True)
+    for kind, digest in (saved.get("files") or {}).items() if complete else ():
+        path = directory / f"{kind}.pt"
+        actual = sha256_file(path) if path.exists() else "missing"
+        if actual != digest:
+            raise BenchError(f"{path} has sha256 {actual[:16]}, but training wrote {digest[:16]}: the file changed "
+                             "after training; restore it, or retrain the run with --force")
 
 
 def _sync_store(store: Store, spec: RunSpec, run_id: str, state: dict, directory: Path, prov: dict) -> None:

@@ -13,6 +13,7 @@ attack evaluation shares its row.
 from __future__ import annotations
 
 import os
+import sqlite3
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -20,22 +21,13 @@ from typing import Iterator, Sequence
 import numpy as np
 import pandas as pd
 from sqlalchemy import create_engine, delete, event, select
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from bench.core.errors import BenchError
 from bench.store.migrate import prepare_schema
-from bench.store.schema import (
-    Checkpoint,
-    Curve,
-    CurvePoint,
-    Evaluation,
-    Run,
-    RunCheckpoint,
-    SampleResult,
-    SanityCheck,
-    TrainEpoch,
-)
+from bench.store.schema import (Checkpoint, Curve, CurvePoint, Evaluation, Run, RunCheckpoint, SampleResult,
+                                SanityCheck, TrainEpoch)
 
 
 def database_url(db: str) -> str:
@@ -71,16 +63,26 @@ def widest_per_label(rows: Sequence[Evaluation]) -> list[Evaluation]:
 
 
 class Store:
-    def __init__(self, db: str = "results.db"):
+    """The results database. `readonly` opens it for reading only (`bench report` of an archived,
+    read-only database or folder); otherwise a database that cannot be written is refused at once,
+    before any work. A SQLite file that fails SQLite's quick check, or that is not an atbench
+    store, is refused and never written into."""
+
+    def __init__(self, db: str = "results.db", readonly: bool = False):
+        self.name, self.readonly = db, readonly
         self.url = database_url(db)
+        if self.url.startswith("sqlite:///"):
+            _check_sqlite_file(self.url[len("sqlite:///"):], db, readonly)
+            if readonly:
+                self.url = _readonly_url(self.url[len("sqlite:///"):])
         try:
             self.engine = create_engine(self.url)
         except (SQLAlchemyError, ImportError, ValueError) as exc:
             raise BenchError(f"cannot open database {db!r}: {exc}") from None
         if self.engine.dialect.name == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "connect", _sqlite_readonly_pragmas if readonly else _sqlite_pragmas)
         try:
-            prepare_schema(self.url, db)
+            prepare_schema(self.url, db, readonly)
         except SQLAlchemyError as exc:
             raise BenchError(f"cannot open database {db!r}: {exc.__class__.__name__}: "
                              f"{exc.orig if hasattr(exc, 'orig') else exc}") from None
@@ -88,10 +90,16 @@ class Store:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
+        """One transaction: committed at the end of the block, rolled back on any error. A database
+        that fails underneath (disk full, locked too long) is a BenchError; nothing is half-written."""
         s = self._sessions()
         try:
             yield s
             s.commit()
+        except OperationalError as exc:
+            s.rollback()
+            raise BenchError(f"database {self.name!r}: {str(exc.orig).splitlines()[0]}; nothing of this "
+                             "transaction was written") from None
         except BaseException:
             s.rollback()
             raise
@@ -352,8 +360,43 @@ class Store:
             return {name: pd.read_sql(select(cls.__table__), con) for name, cls in tables.items()}
 
 
+def _check_sqlite_file(path: str, name: str, readonly: bool) -> None:
+    """Refuse, before any work, a SQLite file that cannot be written (unless `readonly`) or that
+    fails SQLite's quick check."""
+    if not os.path.exists(path):
+        if readonly:
+            raise BenchError(f"database {name!r} does not exist")
+        return
+    folder = os.path.dirname(path) or "."
+    if not readonly and not (os.access(path, os.W_OK) and os.access(folder, os.W_OK)):
+        raise BenchError(f"database {name!r} is read-only (the file or its folder): results could not be saved; "
+                         "give a writable --db (bench report can still render it)")
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro" + ("&immutable=1" if not os.access(folder, os.W_OK) else ""),
+                              uri=True)
+        try:
+            verdict = con.execute("PRAGMA quick_check").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        raise BenchError(f"cannot open database {name!r}: {exc}") from None
+    if verdict != "ok":
+        raise BenchError(f"database {name!r} is corrupted (SQLite quick_check: {verdict.splitlines()[0][:120]}); "
+                         "restore it from a copy, or give a new --db")
+
+
+def _readonly_url(path: str) -> str:
+    """A read-only SQLite URL; immutable when the folder is read-only too (no WAL index can be made)."""
+    immutable = "&immutable=1" if not os.access(os.path.dirname(path) or ".", os.W_OK) else ""
+    return f"sqlite:///file:{path}?mode=ro{immutable}&uri=true"
+
+
 def _sqlite_pragmas(dbapi_connection, _record):
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.close()
+
+
+def _sqlite_readonly_pragmas(dbapi_connection, _record):
+    dbapi_connection.execute("PRAGMA query_only=ON")

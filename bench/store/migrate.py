@@ -34,14 +34,18 @@ def head_revision() -> str:
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
-def prepare_schema(url: str, name: str) -> None:
-    """Create or upgrade the schema of the database at `url` (`name` is what the user called it).
+def prepare_schema(url: str, name: str, readonly: bool = False) -> None:
+    """Create or upgrade the schema of the database at `url` (`name` is what the user called it);
+    `readonly`: only check that it is an atbench database at the newest revision.
     Migrations run on a connection of their own, without SQLite's foreign-key enforcement (tables
     are rebuilt; rows keep their ids)."""
     engine = create_engine(url)
     try:
         with engine.begin() as con:
             tables = set(inspect(con).get_table_names())
+            if readonly:
+                _check_current(con, tables, name)
+                return
             if not tables:
                 Base.metadata.create_all(con)
                 _stamp(con, "head")
@@ -67,6 +71,17 @@ def prepare_schema(url: str, name: str) -> None:
                              f"record); give a new file or an atbench database")
     finally:
         engine.dispose()
+
+
+def _check_current(con, tables: set[str], name: str) -> None:
+    """BenchError unless the (read-only) database is an atbench store at the newest revision."""
+    if "alembic_version" not in tables:
+        raise BenchError(f"database {name!r} is not an atbench results store at this version (read-only: it "
+                         "cannot be upgraded here; open it writable once with this atbench)")
+    current = MigrationContext.configure(con).get_current_revision()
+    if current != head_revision():
+        raise BenchError(f"database {name!r} has schema revision {current}, this atbench reads {head_revision()} "
+                         "(read-only: it cannot be upgraded here; open it writable once with this atbench)")
 
 
 def _known(script: ScriptDirectory, revision: str) -> bool:
