@@ -160,6 +160,36 @@ def test_run_suite_end_to_end_then_nothing_to_do_then_force(tmp_path, monkeypatc
             assert after_files[path][0] == sha, path
 
 
+def test_a_narrower_eval_never_downgrades_the_suite_checks(tmp_path, monkeypatch, capsys):
+    """The hostile-pass sequence: a suite evaluated a checkpoint (checks from all its attacks and
+    curves); `bench eval` of that checkpoint with one more attack must add to what the checks see,
+    not recompute them from its own two evaluations; the suite run after it has nothing to do."""
+    monkeypatch.chdir(tmp_path)
+    assert cli(capsys, "run", "--suite", TINY, "--device", "cpu", "--no-report")[0] == 0
+
+    def checks(ckpt):
+        with sqlite3.connect(tmp_path / "results.db") as con:
+            return dict(con.execute("select s.name, s.status from sanity_checks s join checkpoints c on "
+                                    "c.checkpoint_id = s.checkpoint_id where c.path like ?", (f"%{ckpt}",)).fetchall())
+
+    run_dir = sorted((tmp_path / "checkpoints").iterdir())[1]
+    ckpt = str((run_dir / "best.pt").relative_to(tmp_path))
+    before = checks(ckpt)
+    assert list(before.values()).count("not-run") < len(before) // 2  # the suite ran the curve-based checks
+    rc, out, err = cli(capsys, "eval", ckpt, "--attack", "pgd50=pgd:steps=50", "--device", "cpu", "--no-curves")
+    assert rc == 0, err
+    after = checks(ckpt)
+    assert set(after) == set(before)
+    assert {n for n, st in after.items() if st == "not-run"} == {n for n, st in before.items() if st == "not-run"}
+    assert {n for n, st in after.items() if st in ("warn", "fail")} >= {n for n, st in before.items() if st in ("warn", "fail")}
+    rc, out, err = cli(capsys, "run", "--suite", TINY, "--device", "cpu", "--no-report")
+    assert rc == 0 and "nothing to do" in out, out
+    assert checks(ckpt) == after
+    # with curves of its own (on more samples, up to eps 1) the eval adds evidence: nothing that ran is lost
+    assert cli(capsys, "eval", ckpt, "--attack", "pgd50=pgd:steps=50", "--device", "cpu")[0] == 0
+    assert {n for n, st in checks(ckpt).items() if st == "not-run"} < {n for n, st in before.items() if st == "not-run"}
+
+
 # --------------------------------------------------------------------------- eval
 
 @pytest.fixture(scope="module")
