@@ -227,7 +227,7 @@ def test_schema_revision_is_recorded(db):
         assert con.execute("select version_num from alembic_version").fetchall() == [(head_revision(),)]
         tables = {r[0] for r in con.execute("select name from sqlite_master where type = 'table'")}
     assert {"runs", "train_epochs", "checkpoints", "run_checkpoints", "evaluations", "sample_results", "curves",
-            "curve_points", "sanity_checks", "alembic_version"} == tables
+            "curve_points", "sanity_checks", "jobs", "job_dependencies", "alembic_version"} == tables
     Store(db)  # reopening neither adds a row nor migrates
     with sqlite3.connect(db) as con:
         assert con.execute("select version_num from alembic_version").fetchall() == [(head_revision(),)]

@@ -20,11 +20,12 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import create_engine, delete, event, select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from bench.core.errors import BenchError
+from bench.store.engine import make_engine
 from bench.store.migrate import prepare_schema
 from bench.store.schema import (Checkpoint, Curve, CurvePoint, Evaluation, Run, RunCheckpoint, SampleResult,
                                 SanityCheck, TrainEpoch)
@@ -76,11 +77,9 @@ class Store:
             if readonly:
                 self.url = _readonly_url(self.url[len("sqlite:///"):])
         try:
-            self.engine = create_engine(self.url)
+            self.engine = make_engine(self.url, readonly=readonly)
         except (SQLAlchemyError, ImportError, ValueError) as exc:
-            raise BenchError(f"cannot open database {db!r}: {exc}") from None
-        if self.engine.dialect.name == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_readonly_pragmas if readonly else _sqlite_pragmas)
+            raise BenchError(f"cannot open database {db!r}: {_first_line(exc)}") from None
         try:
             prepare_schema(self.url, db, readonly)
         except SQLAlchemyError as exc:
@@ -391,12 +390,5 @@ def _readonly_url(path: str) -> str:
     return f"sqlite:///file:{path}?mode=ro{immutable}&uri=true"
 
 
-def _sqlite_pragmas(dbapi_connection, _record):
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.close()
-
-
-def _sqlite_readonly_pragmas(dbapi_connection, _record):
-    dbapi_connection.execute("PRAGMA query_only=ON")
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]

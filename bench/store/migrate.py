@@ -15,9 +15,10 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import inspect, text
 
 from bench.core.errors import BenchError
+from bench.store.engine import SCHEMA_LOCK, make_engine
 from bench.store.schema import Base
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -39,9 +40,11 @@ def prepare_schema(url: str, name: str, readonly: bool = False) -> None:
     `readonly`: only check that it is an atbench database at the newest revision.
     Migrations run on a connection of their own, without SQLite's foreign-key enforcement (tables
     are rebuilt; rows keep their ids)."""
-    engine = create_engine(url)
+    engine = make_engine(url, readonly=readonly, migrating=True)
     try:
         with engine.begin() as con:
+            if con.dialect.name == "postgresql" and not readonly:
+                con.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": SCHEMA_LOCK})
             tables = set(inspect(con).get_table_names())
             if readonly:
                 _check_current(con, tables, name)

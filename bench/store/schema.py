@@ -10,7 +10,9 @@ migrations in `bench/store/migrations`.
   point);
 - `curves` (+ `curve_points`): a curve of one checkpoint whose points are evaluations;
 - `sanity_checks`: one check of one checkpoint under one threat model, with the revision of the
-  check and a digest of the evaluations it read.
+  check and a digest of the evaluations it read;
+- `jobs` (+ `job_dependencies`): a suite's work as a graph (train, plant, evaluate, curves, checks,
+  report), claimed by workers under a lease.
 
 Threat models are keyed by `ThreatModel.key` ("Linf:0.2", the exact repr of eps), never by a
 float. Every top-level row carries provenance (git commit, package versions, device, UTC time,
@@ -183,3 +185,32 @@ class SanityCheck(Provenance, Base):
     threshold: Mapped[float | None] = mapped_column(Float)
     summary: Mapped[str | None] = mapped_column(Text)  # one line: what was measured, what it means
     evidence: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
+class Job(Base):
+    """One unit of a suite's work. `state`: pending → running (claimed by `lease_owner` until
+    `lease_expires`, renewed while it works) → done | failed (`error`: the one-line reason). A job
+    runs once its dependencies are done; a running job whose lease expired is claimable again."""
+
+    __tablename__ = "jobs"
+    job_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(Text, unique=True)
+    kind: Mapped[str] = mapped_column(String(20))  # train | plant | evaluate | curves | checks | report
+    priority: Mapped[int] = mapped_column(Integer, default=0)  # lower first among claimable jobs
+    payload: Mapped[dict] = mapped_column(JSON, default=dict)
+    state: Mapped[str] = mapped_column(String(10), default="pending", index=True)
+    force: Mapped[bool] = mapped_column(Boolean, default=False)  # redo the work even if stored
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(Text)
+    lease_expires: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    heartbeat: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    did_work: Mapped[bool] = mapped_column(Boolean, default=False)  # the last execution computed something
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+
+class JobDependency(Base):
+    __tablename__ = "job_dependencies"
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.job_id"), primary_key=True)
+    depends_on: Mapped[int] = mapped_column(ForeignKey("jobs.job_id"), primary_key=True, index=True)
