@@ -52,7 +52,8 @@ def batch(synthetic):
 
 @pytest.fixture(scope="module")
 def correct_batch(trained_model, batch):
-    """The samples of `batch` that the trained model classifies correctly (all 64 of them)."""
+    """The samples of `batch` that the trained model classifies correctly (63 or 64 of them: the
+    trained model differs with the CPU's kernels, see `trained_model`)."""
     x, y = batch
     keep = predict(trained_model, x) == y
     return x[keep], y[keep]
@@ -128,9 +129,9 @@ def test_fab_agrees_with_torchattacks(norm, eps, targeted, torchattacks, trained
     within eps, and where torchattacks returns one (it returns x elsewhere), ours is the same point to
     float rounding (measured: at most 6e-7 apart; the projections are computed another way).
 
-    The second restart starts from our global-RNG draw, which follows torchattacks' (U[-1, 1] or
-    N(0, 1) of the survivors' shape, seeded by the caller instead of inside). With Linf FAB-T it fools
-    two samples the first run does not, so that path is compared too."""
+    Whether the second restart fools anything here depends on the trained model, which differs with
+    the CPU's kernels (0 to 2 samples); test_fab_restart_agrees_with_torchattacks compares that path
+    where it is certain to be taken."""
     x, y = batch
     params = dict(norm=norm, eps=eps, steps=10)
     theirs = torchattacks_fab(torchattacks, trained_model, x, y, n_restarts=2, multi_targeted=targeted,
@@ -141,10 +142,39 @@ def test_fab_agrees_with_torchattacks(norm, eps, targeted, torchattacks, trained
     assert torch.equal(ours_ok, theirs_ok)
     assert 10 <= (~theirs_ok).sum() <= 54  # a comparison with something on both sides
     assert (ours - theirs)[~theirs_ok].abs().max() <= TOL
-    if norm == "Linf" and targeted:
-        torch.manual_seed(0)
-        once = ATTACKS.get("fab")(restarts=1, targeted=True, **params)(trained_model, x, y)
-        assert robust(trained_model, once, x, y, norm, eps).sum() > ours_ok.sum()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("targeted", [False, True])
+def test_fab_restart_agrees_with_torchattacks(targeted, seed, torchattacks, tiny_model, batch):
+    """The second restart starts from our global-RNG draw, which follows torchattacks' (U[-1, 1] of
+    the survivors' shape, seeded by the caller instead of inside): where it fools a sample the first
+    run does not, the two return the same point. On the untrained model (its weights come from the
+    seeded initialization, not from training, so they are the same on every CPU), Linf eps 0.1 with
+    3 steps, sample 46 of the 19 it classifies correctly is such a sample for seeds 0-4: the first
+    run finds no point within eps, the second one at 0.82-0.91·eps (measured under AVX-512 and AVX2
+    kernels alike), so the outcome has a margin that float rounding cannot cross. Points measured at
+    most 3e-6 apart (4e-6 at 4 steps); the untrained model's small gradients make the projections'
+    rounding larger than on the trained one."""
+    model = tiny_model.eval()
+    x, y = batch
+    norm, eps = "Linf", 0.1
+    params = dict(norm=norm, eps=eps, steps=3)
+    theirs = torchattacks.FAB(model, seed=seed, n_restarts=2, multi_targeted=targeted, n_classes=4, **params)
+    theirs.set_model_training_mode(model_training=False)
+    theirs = theirs(x, y)
+    torch.manual_seed(seed)
+    ours = ATTACKS.get("fab")(restarts=2, targeted=targeted, **params)(model, x, y)
+    theirs_ok, ours_ok = (robust(model, a, x, y, norm, eps) for a in (theirs, ours))
+    assert torch.equal(ours_ok, theirs_ok)
+    assert (ours - theirs)[~theirs_ok].abs().max() <= TOL
+    torch.manual_seed(seed)
+    once = ATTACKS.get("fab")(restarts=1, targeted=targeted, **params)(model, x, y)
+    by_restart = robust(model, once, x, y, norm, eps) & ~ours_ok
+    assert by_restart.any()
+    assert (norms(ours, x, norm)[by_restart] <= 0.95 * eps).all()  # clearly within eps
+    first = norms(once, x, norm)[by_restart]
+    assert ((predict(model, once)[by_restart] == y[by_restart]) | (first >= 1.05 * eps)).all()  # clearly not
 
 
 @pytest.mark.parametrize("norm, big", [("Linf", 1.0), ("L2", 8.0)])
@@ -261,14 +291,19 @@ def test_fab_untargeted_pass_counts(trained_model, correct_batch):
 
 def test_fab_eps_only_acts_between_runs(trained_model, synthetic):
     """One untargeted run does not depend on eps: the same points at eps 0.01 and 0.3. It returns the
-    closest misclassified point it found even beyond eps (a minimum-norm attack), x for the one
-    sample of 128 the model misclassifies already."""
-    x, y = synthetic.test_x, synthetic.test_y
+    closest misclassified point it found even beyond eps (a minimum-norm attack), x for the samples
+    the model misclassifies already. Which and how many of the 128 those are (1 or 2 measured) depends
+    on the trained model, hence on the CPU's kernels; sample 0, relabelled with the class the model
+    ranks last for it, is one on any CPU."""
+    x, y = synthetic.test_x, synthetic.test_y.clone()
+    with torch.no_grad():
+        y[0] = trained_model(x[:1]).argmin(1)[0]
     small = ATTACKS.get("fab")(eps=0.01, steps=10)(trained_model, x, y)
     large = ATTACKS.get("fab")(eps=0.3, steps=10)(trained_model, x, y)
     assert torch.equal(small, large)
     wrong_clean = predict(trained_model, x) != y
-    assert wrong_clean.sum() == 1 and torch.equal(small[wrong_clean], x[wrong_clean])
+    assert wrong_clean[0]
+    assert torch.equal(small[wrong_clean], x[wrong_clean])
     assert (predict(trained_model, small) != y).all()
     assert (norms(small, x, "Linf") > 0.01)[~wrong_clean].float().mean() >= 0.9
 
@@ -380,26 +415,33 @@ class LogitsOnly(nn.Module):
         return self.model(x)
 
 
-@pytest.mark.parametrize("norm, eps", [("Linf", 0.05), ("L2", 0.3)])
-def test_square_is_black_box_and_keeps_its_budget(norm, eps, trained_model, batch):
-    """Only no-grad forward passes. At a small eps most samples are never fooled (58 and 62 of 64
-    with 2 × 50 queries): each of those costs exactly restarts·(queries + 1) queries (one for each
-    run's initial point, as the official count), the fooled ones fewer; the passes counted on the
-    model are those queries and the clean forward pass."""
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("norm, eps", [("Linf", 0.12), ("L2", 0.8)])
+def test_square_is_black_box_and_keeps_its_budget(norm, eps, seed, trained_model, batch):
+    """Only no-grad forward passes. Each attacked sample that is never fooled costs exactly
+    restarts·(queries + 1) queries (one for each run's initial point, as the official count), the
+    fooled ones fewer; the samples the model misclassifies already cost none; the passes counted on
+    the model are those queries and the clean forward pass. The eps are chosen so that both kinds
+    are plentiful whatever the trained model (it differs with the CPU's kernels): with 2 × 50
+    queries, seeds 0-5, 16-33 (Linf 0.12) and 22-29 (L2 0.8) of the 63-64 attacked samples fooled,
+    measured under AVX-512 and AVX2 kernels."""
     model = LogitsOnly(trained_model)
     x, y = batch
+    wrong = predict(model, x) != y
     queries, restarts = 50, 2
     attack = ATTACKS.get("square")(norm=norm, eps=eps, queries=queries, restarts=restarts)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     with count_passes(model) as c:
         x_adv = attack(model, x, y)
     s = attack.stats
-    unfooled = len(x) - s["fooled"]
-    assert unfooled >= 40 and s["fooled"] >= 1
+    assert s["samples"] == (~wrong).sum()
+    unfooled = s["samples"] - s["fooled"]
+    assert unfooled >= 10 and s["fooled"] >= 10  # both outcomes, many times
     assert s["queries"] - s["queries_fooled"] == unfooled * restarts * (queries + 1)
     assert s["queries_fooled"] < s["fooled"] * restarts * (queries + 1)
     assert (c.forward, c.backward) == (len(x) + s["queries"], 0)
-    assert (predict(model, x_adv) != y).sum() == s["fooled"]
+    assert torch.equal(x_adv[wrong], x[wrong])
+    assert (predict(model, x_adv) != y)[~wrong].sum() == s["fooled"]
 
 
 def test_square_stops_querying_fooled_samples(trained_model, batch):
@@ -415,15 +457,31 @@ def test_square_stops_querying_fooled_samples(trained_model, batch):
 
 
 def test_square_stats_accumulate_over_batches(trained_model, batch):
+    """The stats after two batches are the sums of each batch's own (an attack built afresh per
+    batch, drawing from the same RNG stream), the means recomputed from the sums. The attacked
+    samples are those the model classifies correctly: all or all but one of the 64, depending on the
+    trained model, hence on the CPU's kernels. At Linf 0.15 with 50 queries both batches have many
+    fooled samples (measured 8-22 and 7-21 of 32, seeds 0-5, AVX-512 and AVX2)."""
     x, y = batch
-    attack = ATTACKS.get("square")(norm="Linf", eps=0.05, queries=20)
+    correct = predict(trained_model, x) == y
+    parts = (slice(0, 32), slice(32, 64))
+    attack = ATTACKS.get("square")(norm="Linf", eps=0.15, queries=50)
     torch.manual_seed(0)
-    attack(trained_model, x[:32], y[:32])
-    first = dict(attack.stats)
-    attack(trained_model, x[32:], y[32:])
+    for part in parts:
+        attack(trained_model, x[part], y[part])
+    torch.manual_seed(0)
+    alone = []
+    for part in parts:
+        single = ATTACKS.get("square")(norm="Linf", eps=0.15, queries=50)
+        single(trained_model, x[part], y[part])
+        alone.append(single.stats)
     s = attack.stats
-    assert s["samples"] == 64 and s["queries"] > first["queries"] and s["fooled"] >= first["fooled"]
-    assert s["mean_queries"] == pytest.approx(s["queries"] / 64)
+    for key in ("samples", "queries", "fooled", "queries_fooled"):
+        assert s[key] == alone[0][key] + alone[1][key], key
+    assert s["samples"] == correct.sum() and alone[0]["samples"] == correct[:32].sum()
+    assert alone[0]["fooled"] > 0 and alone[1]["fooled"] > 0
+    assert s["mean_queries"] == pytest.approx(s["queries"] / s["samples"])
+    assert s["mean_queries_fooled"] == pytest.approx(s["queries_fooled"] / s["fooled"])
 
 
 def test_square_leaves_misclassified_samples_alone(tiny_model, batch):

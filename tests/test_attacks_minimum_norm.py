@@ -271,11 +271,13 @@ def test_cw_l2_costs_one_forward_and_backward_per_iteration(trained_model, synth
 def test_deepfool_agrees_with_torchattacks(trained_model, synthetic):
     """On the images both fool, our L2 distances are torchattacks 3.5.1's DeepFool's to within 1%
     (measured: median +0.02%, max +0.73%; ours add the official code's 1e-4 to each step).
-    Ours fools all 64 correctly classified images; torchattacks fools 51 (93 of 127 on the whole
-    test set): it clips every iterate and applies the overshoot per step."""
+    Ours fools every correctly classified image of the test set; torchattacks fools about two
+    thirds of them (it clips every iterate and applies the overshoot per step): 93 of 127 where
+    this was written, 84 of 126 and 86 of 127 on the trained models that AVX-512 and AVX2 kernels
+    make (of the first 64 images, only 39-51), so the whole test set is compared."""
     import torchattacks
 
-    x, y = synthetic.test_x[:64], synthetic.test_y[:64]
+    x, y = synthetic.test_x, synthetic.test_y
     clean = ~fooled(trained_model, x, y)
     ours = ATTACKS.get("deepfool")()(trained_model, x, y)
     model = copy.deepcopy(trained_model)
@@ -283,7 +285,7 @@ def test_deepfool_agrees_with_torchattacks(trained_model, synthetic):
     atk.set_model_training_mode(model_training=False)
     theirs = atk(x, y)
     both = clean & fooled(trained_model, ours, y) & fooled(trained_model, theirs, y)
-    assert fooled(trained_model, ours, y)[clean].all() and both.sum() >= 40
+    assert fooled(trained_model, ours, y)[clean].all() and both.sum() >= 64
     ratio = perturbation_norms(ours, x, "L2")[both] / perturbation_norms(theirs, x, "L2")[both]
     assert ratio.min() >= 1 - 1e-4 and ratio.max() <= 1.01
 

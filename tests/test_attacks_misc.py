@@ -65,13 +65,17 @@ def test_multi_targeted_is_stronger_than_pgd(trained_model, synthetic):
     assert mt < accuracy(trained_model, run("cw_linf", trained_model, x, y, eps=0.1), y) - 0.01
 
 
-def test_multi_targeted_more_targets_only_add_successes(trained_model, synthetic):
+@pytest.mark.parametrize("seed", [0, 1])
+def test_multi_targeted_more_targets_only_add_successes(seed, trained_model, synthetic):
     """The first run (towards the highest wrong logit) draws the same random start from the same
     seed whatever the number of targets; later targets run only on its survivors. So all 3 targets
-    fool a superset of what the top target alone fools, and some more (measured: 82 vs 86 of 128)."""
+    fool a superset of what the top target alone fools, and some more. At eps 0.1 how many more
+    depends on the trained model, which differs with the CPU's kernels (82 vs 86 of 128 where this
+    was written, 84 vs 84 with AVX-512 kernels); at eps 0.12 the other targets add 3-7 for seeds
+    0-2 under AVX-512 and AVX2 kernels (104 vs 108 and 99 vs 105 of 128 at seed 0)."""
     x, y = synthetic.test_x, synthetic.test_y
-    top = run("multi_targeted", trained_model, x, y, eps=0.1, steps=20, targets=1)
-    every = run("multi_targeted", trained_model, x, y, eps=0.1, steps=20)
+    top = run("multi_targeted", trained_model, x, y, seed=seed, eps=0.12, steps=20, targets=1)
+    every = run("multi_targeted", trained_model, x, y, seed=seed, eps=0.12, steps=20)
     with torch.no_grad():
         fooled_top, fooled_all = trained_model(top).argmax(1) != y, trained_model(every).argmax(1) != y
     assert (fooled_all | ~fooled_top).all() and fooled_all.sum() > fooled_top.sum()

@@ -9,7 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from bench.core.defense import DEFENSES
 from bench.core.errors import BenchError
@@ -222,19 +224,56 @@ def curvature_along_gradient(model, x, y):
     return torch.stack(out)
 
 
+def linear_piece(model, params, x):
+    """Which piece of the piecewise-polynomial (in θ) loss the model at parameters `params` is on
+    at x: the sign of every ReLU input and the winner of every max-pool window."""
+    pattern = []
+
+    def record(module, args, out):
+        z = args[0]
+        pattern.append(z > 0 if isinstance(module, nn.ReLU) else
+                       F.max_pool2d(z, module.kernel_size, module.stride, module.padding, module.dilation,
+                                    module.ceil_mode, return_indices=True)[1])
+
+    handles = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, (nn.ReLU, nn.MaxPool2d))]
+    with torch.no_grad():
+        functional_call(model, params, (x,))
+    for h in handles:
+        h.remove()
+    return pattern
+
+
 def test_curvature_score_per_sample_is_the_curvature_along_the_gradient(warm, data):
     """With chunks of one sample, 2[ℓ(θ + αĝ) − ℓ(θ)]/α² is ĝᵀHĝ + 2/r (r = α/‖∇‖; the first-order
     term 2‖∇ℓ‖/α is the same for every sample), up to the O(α) Taylor remainder (float64, small r
-    so the remainder is negligible). ĝᵀHĝ is a Rayleigh quotient (at most the top eigenvalue). The
-    score used to add another 2/r (Eq. (20)'s α‖∇ℓ‖ term), which could not change the ranking."""
+    so the remainder is negligible: at most 2e-3 measured at r = 1e-5, 2e-2 at 1e-4). ĝᵀHĝ is a
+    Rayleigh quotient (at most the top eigenvalue). The score used to add another 2/r (Eq. (20)'s
+    α‖∇ℓ‖ term), which could not change the ranking.
+
+    The expansion holds while θ + tαĝ, 0 ≤ t ≤ 1, stays on one piece of the ReLU network's loss;
+    a sample whose ReLU signs or max-pool winners change on the way is off by up to O(1/α) (at
+    r = 1e-4, 3-5 of the first 32 training samples do, depending on the warm model, which training
+    makes slightly differently with AVX-512 and AVX2 kernels: sample 4 by 29). Those are left out;
+    at r = 1e-5 none of the 32 is measured to be one, and at least 6 of the 8 must remain."""
     model = copy.deepcopy(warm).double()
     x, y = data[0][:8].double(), data[1][:8]
-    r = 1e-4
+    r = 1e-5
     score, grad = curvature_score(model, x, y, alpha_ratio=r, chunk=1)
     exact = curvature_along_gradient(model, x, y)
+    params = dict(model.named_parameters())
+    smooth = torch.zeros(len(x), dtype=torch.bool)
+    for i in range(len(x)):
+        g = torch.autograd.grad(F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), list(params.values()))
+        shifted = {name: p + r * gi for (name, p), gi in zip(params.items(), g)}
+        pieces = linear_piece(model, params, x[i:i + 1]), linear_piece(model, shifted, x[i:i + 1])
+        smooth[i] = all(torch.equal(a, b) for a, b in zip(*pieces))
+    assert smooth.sum() >= 6
+    score, exact = score[smooth], exact[smooth]
     assert exact.max() - exact.min() > 5  # the samples differ: the ranking is informative
-    torch.testing.assert_close(score - 2 / r, exact, rtol=0, atol=0.05)
-    assert torch.equal(score.argsort(), exact.argsort())  # ranked by the curvature itself
+    torch.testing.assert_close(score - 2 / r, exact, rtol=0, atol=0.01)
+    gap = exact[:, None] - exact[None, :]
+    clear = gap.abs() > 0.02
+    assert torch.equal((score[:, None] > score[None, :])[clear], (gap > 0)[clear])  # ranked by the curvature
     torch.testing.assert_close(grad, input_grad(model, x, y))
     assert all(p.grad is None for p in model.parameters())
 

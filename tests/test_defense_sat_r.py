@@ -45,13 +45,21 @@ def ifgsm(model, x, y, steps):
 
 
 def assert_same_loss_and_gradient(model, loss, expected):
+    """The same loss (to 1e-5 relative) and the same parameter gradients: each entry to 1e-3
+    relative or to 1e-4 of the largest entry. An entry is a float32 sum, over the batch and the
+    positions, of terms that largely cancel, and the two sides group them differently (SAT-R2's
+    one forward of both examples against two here), so its rounding scales with the gradient's
+    size, not the entry's: measured up to 8e-6 of the largest entry on SAT-R2 (whose λ = 25 term
+    makes entries of ~500; on the trained model that AVX-512 kernels make, an entry of 0.0096 was
+    4.7e-5 off), 2e-6 with AVX2 kernels, and 2e-6 on SAT-R1."""
     loss.backward()
     got = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     expected.backward()
+    scale = max(p.grad.abs().max().item() for p in model.parameters())
     for g, p in zip(got, model.parameters()):
-        torch.testing.assert_close(g, p.grad, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(g, p.grad, rtol=1e-3, atol=1e-4 * scale)
 
 
 def test_paper_defaults():

@@ -192,8 +192,10 @@ def test_loss_recomputed_independently(k, student, teacher, data, make_ctx):
         for real in fed:
             assert ((real != 0).flatten(1).sum(1) == D // 2).all()  # exactly half of the saliency
             torch.testing.assert_close(real, target)
-        # the half matters: with the whole saliency as target the L2 term would differ by far more than the tolerance
-        assert 20 * abs(sq(j_ce, -j_t) - sq(j_ce, target)) > 0.05
+        # the half matters: with the whole saliency as target the L2 term would differ by far more than
+        # the loss tolerance below (measured 290x and 330x it on the trained models that AVX-512 and
+        # AVX2 kernels make; the teacher's smaller half is small, and how small depends on the model)
+        assert 20 * abs(sq(j_ce, -j_t) - sq(j_ce, target)) > 10 * (1e-6 + 1e-5 * abs(expected))
     assert 10 * sq(j_s, j_t) > 0.5  # the L2 term is a sizeable part of the loss checked here
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     for g, e in zip(got, grads(expected, student)):

@@ -226,19 +226,26 @@ def test_checks_are_stored_with_summaries_and_not_rerun(bench_dir, tmp_path):
 
 def test_catastrophically_overfitted_fgsm_model_is_flagged(tmp_path):
     """FGSM adversarial training without random start or clean term (`fgsm_at`, alpha = 0) on the
-    real digits at Linf 0.3 overfits catastrophically: measured clean 94%, FGSM 62%, PGD-20 5%.
-    FGSM then reaches only ~14% of PGD's loss increase over clean (natural and PGD-trained digits
-    models: 63% and 65%), which Vivek & Babu's loss-gap check flags."""
+    real digits at Linf 0.4 overfits catastrophically: measured (first 200 test images, seeds 0-2,
+    AVX-512 and AVX2 kernels) clean 81-93%, FGSM 69-82%, PGD-20 0%; FGSM then reaches only 1-6% of
+    PGD's loss increase over clean (natural and PGD-trained digits models at 0.3: 63% and 65%),
+    which Vivek & Babu's loss-gap check flags (it measures 2% and 3% with AVX-512 and AVX2 kernels).
+
+    Training is chaotic: the CPU's kernels round differently and the runs part within a few
+    steps, so the setting must overfit on every path. At Linf 0.3 (lr 0.003) the model only
+    drifts towards it and the share lands anywhere in 7-32% (26%, not flagged, with AVX-512
+    kernels at seed 0); at 0.4 with lr 0.003 some runs collapse to chance instead."""
+    eps = 0.4
     data = load_dataset("digits")
     store = Store(str(tmp_path / "results.db"))
-    spec = RunSpec(defense="fgsm_at", dataset="digits", model="small_cnn", threat=ThreatModel("Linf", 0.3),
-                   train=build_train_config({"epochs": 30, "batch_size": 32, "optimizer": "adam", "lr": 0.003,
+    spec = RunSpec(defense="fgsm_at", dataset="digits", model="small_cnn", threat=ThreatModel("Linf", eps),
+                   train=build_train_config({"epochs": 30, "batch_size": 32, "optimizer": "adam", "lr": 0.002,
                                              "weight_decay": 0.0, "val_steps": 3}), defense_params={"alpha": 0.0})
     path = train(spec, data, store=store, checkpoint_root=tmp_path / "ck", progress=False).directory / "last.pt"
-    attacks = [AttackSpec("fgsm", "fgsm", {"eps": 0.3}), AttackSpec("pgd20", "pgd", {"eps": 0.3, "steps": 20})]
+    attacks = [AttackSpec("fgsm", "fgsm", {"eps": eps}), AttackSpec("pgd20", "pgd", {"eps": eps, "steps": 20})]
     curves = CurveSettings(n_samples=200, steps=(1, 10, 100), restarts=(1, 5))
     evaluate_checkpoint(store, path, data, attacks, curves=curves, sanity=True, checkpoint_root=tmp_path / "ck",
                         log=lambda _: None)
-    got = {r.name: r for r in stored_checks(store, path, ThreatModel("Linf", 0.3))}
+    got = {r.name: r for r in stored_checks(store, path, ThreatModel("Linf", eps))}
     assert got["fgsm_pgd_loss_gap"].status in ("warn", "fail"), got["fgsm_pgd_loss_gap"].summary
     assert got["fgsm_pgd_loss_gap"].value < 0.2
