@@ -37,6 +37,40 @@ def synthetic() -> Dataset:
     return load_dataset("synthetic")
 
 
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float = 1e-2, loss=F.cross_entropy,
+        inputs=None) -> nn.Module:
+    """The tests' one tiny training loop: `steps` full-batch Adam steps of `loss(model(inputs(model)),
+    y)` (inputs default to x; give `inputs` to train on, say, adversarial examples), then eval mode
+    and no parameter gradients left behind. Returns the model."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        batch = x if inputs is None else inputs(model)
+        model.train()
+        loss_value = loss(model(batch), y)
+        opt.zero_grad()
+        loss_value.backward()
+        opt.step()
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    return model
+
+
+@pytest.fixture(scope="session")
+def batch(synthetic) -> tuple[torch.Tensor, torch.Tensor]:
+    """64 test images (a power of two, so a batch-mean loss is an exact rescaling of a batch sum)."""
+    return synthetic.test_x[:64].clone(), synthetic.test_y[:64].clone()
+
+
+@pytest.fixture(scope="session")
+def torchattacks():
+    """torchattacks 3.5.1, installed by the Makefile (--no-deps): the independent implementation
+    our attacks are compared with; a missing install fails these tests."""
+    import torchattacks
+
+    assert torchattacks.__version__ == "3.5.1"
+    return torchattacks
+
+
 @pytest.fixture
 def tiny_model(synthetic) -> nn.Module:
     """A fresh (untrained) tiny small_cnn in train mode, seed 0."""
@@ -55,16 +89,7 @@ def trained_model(synthetic) -> nn.Module:
     errors at samples 109 vs 37 and 119). Tests must not count on which samples it gets wrong or
     how many; where a test needs outcomes that hold on every CPU, it picks settings with a margin
     or uses the untrained `tiny_model` (seeded initialization only, the same everywhere)."""
-    model = tiny_cnn(synthetic)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(30):
-        loss = F.cross_entropy(model(synthetic.train_x), synthetic.train_y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    for p in model.parameters():
-        p.grad = None
+    model = fit(tiny_cnn(synthetic), synthetic.train_x, synthetic.train_y, steps=30)
     with torch.no_grad():
         acc = (model(synthetic.test_x).argmax(1) == synthetic.test_y).float().mean().item()
     assert acc >= 0.95, f"the trained fixture model reaches only {acc:.3f} test accuracy"

@@ -47,12 +47,6 @@ def per_sample_norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
     return flat.abs().amax(1) if norm == "Linf" else flat.norm(p=2, dim=1)
 
 
-@pytest.fixture(scope="module")
-def batch(synthetic):
-    """64 test images (a power of two, so a batch-mean loss is an exact rescaling of a batch sum)."""
-    return synthetic.test_x[:64].clone(), synthetic.test_y[:64].clone()
-
-
 def make(name: str, ctx=None, **params):
     """The registered attack with QUICK parameters (overridden by `params`), prepared with `ctx`."""
     attack = ATTACKS.get(name)(**{**QUICK.get(name, {}), **params})
@@ -197,14 +191,6 @@ def test_zero_eps_returns_the_input(trained_model, batch, eval_ctx):
 
 
 # --------------------------------------------------------------------------- torchattacks agreement
-
-@pytest.fixture(scope="module")
-def torchattacks():
-    """torchattacks 3.5.1, installed by the Makefile (--no-deps); a missing install fails these tests."""
-    import torchattacks
-
-    assert torchattacks.__version__ == "3.5.1"
-    return torchattacks
 
 
 def run_torchattacks(atk, model, x, y):

@@ -9,8 +9,7 @@ import types
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import TINY
+from conftest import TINY, fit
 
 from attacks.apgd import checkpoints, dlr_loss, targeted_dlr_loss
 from bench.adversary.ball import random_start
@@ -18,7 +17,7 @@ from bench.adversary.losses import ce_loss
 from bench.adversary.pgd import pgd
 from bench.core.attack import ATTACKS
 from bench.core.errors import BenchError
-from bench.core.models import build_model
+from bench.core.models import build_model, eval_mode
 from bench.engine.counting import count_passes
 
 TOL = 1e-5
@@ -27,11 +26,6 @@ TOL = 1e-5
 def predict(model, x):
     with torch.no_grad():
         return model(x).argmax(1)
-
-
-@pytest.fixture(scope="module")
-def batch(synthetic):
-    return synthetic.test_x[:64].clone(), synthetic.test_y[:64].clone()
 
 
 def trained_on(ds, classes: int, steps: int = 30, adversarial_eps: float = 0.0):
@@ -43,22 +37,13 @@ def trained_on(ds, classes: int, steps: int = 30, adversarial_eps: float = 0.0):
     x, y = ds.train_x[keep], ds.train_y[keep]
     torch.manual_seed(0)
     model = build_model("small_cnn", num_classes=classes, input_shape=ds.input_shape, mean=ds.mean, std=ds.std, **TINY)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        inputs = x
-        if adversarial_eps:
-            model.eval()
-            inputs = pgd(model, x, lambda z: ce_loss(z, y), eps=adversarial_eps, norm="Linf", steps=5,
-                         step_size=adversarial_eps / 4, x_init=random_start(x, "Linf", adversarial_eps))
-            model.train()
-        loss = F.cross_entropy(model(inputs), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    for p in model.parameters():
-        p.grad = None
-    return model
+
+    def adversarial(model):
+        with eval_mode(model):
+            return pgd(model, x, lambda z: ce_loss(z, y), eps=adversarial_eps, norm="Linf", steps=5,
+                       step_size=adversarial_eps / 4, x_init=random_start(x, "Linf", adversarial_eps))
+
+    return fit(model, x, y, steps, inputs=adversarial if adversarial_eps else None)
 
 
 def test_apgd_attack_files_are_registered():
@@ -111,13 +96,6 @@ def test_checkpoint_schedule_is_the_papers():
 
 
 # --------------------------------------------------------------------------- torchattacks agreement
-
-@pytest.fixture(scope="module")
-def torchattacks():
-    import torchattacks
-
-    assert torchattacks.__version__ == "3.5.1"
-    return torchattacks
 
 
 AGREEMENT = [  # name, norm, eps, steps, restarts, eot_iter, model

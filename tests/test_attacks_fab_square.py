@@ -8,8 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from conftest import TINY
+from conftest import TINY, fit
 
 from attacks.fab import project_l2, project_linf
 from attacks.square import p_schedule
@@ -38,19 +37,6 @@ def robust(model, x_adv, x, y, norm, eps) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def torchattacks():
-    import torchattacks
-
-    assert torchattacks.__version__ == "3.5.1"
-    return torchattacks
-
-
-@pytest.fixture(scope="module")
-def batch(synthetic):
-    return synthetic.test_x[:64].clone(), synthetic.test_y[:64].clone()
-
-
-@pytest.fixture(scope="module")
 def correct_batch(trained_model, batch):
     """The samples of `batch` that the trained model classifies correctly (63 or 64 of them: the
     trained model differs with the CPU's kernels, see `trained_model`)."""
@@ -67,15 +53,7 @@ def binary(synthetic):
     model = build_model("small_cnn", num_classes=2, input_shape=synthetic.input_shape, mean=synthetic.mean,
                         std=synthetic.std, **TINY)
     keep = synthetic.train_y < 2
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(30):
-        loss = F.cross_entropy(model(synthetic.train_x[keep]), synthetic.train_y[keep])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    for p in model.parameters():
-        p.grad = None
+    fit(model, synthetic.train_x[keep], synthetic.train_y[keep], steps=30)
     test = synthetic.test_y < 2
     return model, synthetic.test_x[test], synthetic.test_y[test]
 

@@ -22,12 +22,12 @@ def model(trained):
 
 
 @pytest.fixture(scope="module")
-def batch(synthetic):
+def train_batch(synthetic):
     return synthetic.train_x[:B].clone(), synthetic.train_y[:B].clone()
 
 
 def exact_jacobian_sq(model, x, create_graph=False):
-    """Per-sample ‖∂f(x)/∂x‖²_F from the full Jacobian (the diagonal blocks of the batch Jacobian)."""
+    """Per-sample ‖∂f(x)/∂x‖²_F from the full Jacobian (the diagonal blocks of the train_batch Jacobian)."""
     jac = torch.autograd.functional.jacobian(model, x, create_graph=create_graph)  # (B, C, B, *x.shape[1:])
     idx = torch.arange(len(x))
     return jac[idx, :, idx].flatten(1).pow(2).sum(1)
@@ -62,10 +62,10 @@ def assert_same_grads(model, got, expected_loss, rtol=1e-4):
 # --------------------------------------------------------------------------- the estimator
 
 
-def test_estimate_is_unbiased_for_the_exact_frobenius_norm(model, batch):
+def test_estimate_is_unbiased_for_the_exact_frobenius_norm(model, train_batch):
     """Random unit directions: the average of C·‖vᵀJ‖² over 500 draws is within 20% of the exact
     ‖J‖²_F for every sample (one draw's relative std is at most 1 for C = 4, so ~4.5% here)."""
-    x, _ = batch
+    x, _ = train_batch
     exact = exact_jacobian_sq(model, x)
     torch.manual_seed(0)
     xr = x.clone().requires_grad_(True)
@@ -74,10 +74,10 @@ def test_estimate_is_unbiased_for_the_exact_frobenius_norm(model, batch):
     assert abs(estimate.mean() / exact.mean() - 1) < 0.08
 
 
-def test_estimate_and_its_parameter_gradient_are_exact_on_coordinate_directions(model, batch, monkeypatch):
+def test_estimate_and_its_parameter_gradient_are_exact_on_coordinate_directions(model, train_batch, monkeypatch):
     """With v = e_1..e_C the estimate is ‖J‖²_F exactly, and double backprop gives the exact
     parameter gradient of ‖J‖²_F."""
-    x, _ = batch
+    x, _ = train_batch
     calls = coordinate_directions(monkeypatch)
     xr = x.clone().requires_grad_(True)
     logits = model(xr)
@@ -94,9 +94,9 @@ def test_estimate_and_its_parameter_gradient_are_exact_on_coordinate_directions(
 # --------------------------------------------------------------------------- jacobian_reg
 
 
-def test_jacobian_reg_loss(model, batch, make_ctx, monkeypatch):
+def test_jacobian_reg_loss(model, train_batch, make_ctx, monkeypatch):
     """CE(f(x), y) + α·mean ‖J(x)‖²_F, with the gradient of both terms."""
-    x, y = batch
+    x, y = train_batch
     alpha = 1e-3
     coordinate_directions(monkeypatch)
     loss = DEFENSES.get("jacobian_reg")(alpha=alpha, projections=4).training_step(model, x, y, make_ctx(model))
@@ -135,9 +135,9 @@ def test_atlas_eps_ramp(epochs, step, scale, model, make_ctx):
     assert DEFENSES.get("atlas")(ramp_epochs=0).eps_scale(ctx_at(make_ctx, model, 0, epochs)) == 1.0
 
 
-def test_atlas_starts_as_natural_training(model, batch, make_ctx):
+def test_atlas_starts_as_natural_training(model, train_batch, make_ctx):
     """At the first step ε = 0: x' = x and the scaled α, β vanish, so the loss is CE(f(x), y)."""
-    x, y = batch
+    x, y = train_batch
     loss = DEFENSES.get("atlas")().training_step(model, x, y, ctx_at(make_ctx, model, 0))
     torch.testing.assert_close(loss, F.cross_entropy(model(x), y))
 
@@ -152,10 +152,10 @@ def kl(p_logits, q_logits):
 
 
 @pytest.mark.parametrize("step, scale", [(75, 0.5), (200, 1.0)])
-def test_atlas_loss_is_eq14(step, scale, model, batch, make_ctx, monkeypatch):
+def test_atlas_loss_is_eq14(step, scale, model, train_batch, make_ctx, monkeypatch):
     """For a fixed x' (pgd patched): CE(f(x'), y) + s·(α·mean ‖J(x')‖²_F + β·mean KL(p(x') ‖ p(x))),
     s = ε_t/ε, with gradients through every term; the adversary gets ε_t and step 1.25·ε_t."""
-    x, y = batch
+    x, y = train_batch
     eps, alpha, beta = 0.1, 1e-3, 5.0
     g = torch.Generator().manual_seed(0)
     x_fixed = (x + scale * eps * torch.randint(0, 2, x.shape, generator=g).float().mul(2).sub(1)).clamp(0, 1)
@@ -200,10 +200,10 @@ def record_inputs(model):
 
 
 @pytest.mark.parametrize("steps, step_ratio", [(1, 1.25), (3, 0.007 / 0.031)])
-def test_atlas_adversary(steps, step_ratio, model, batch, make_ctx):
+def test_atlas_adversary(steps, step_ratio, model, train_batch, make_ctx):
     """x' is FGSM with a uniform random start and step 1.25ε (one-step), or PGD from a random start
     (multi-step variant), written out here; then f(x') and f(x)."""
-    x, y = batch
+    x, y = train_batch
     eps = 0.1
     inputs, handle = record_inputs(model)
     torch.manual_seed(3)

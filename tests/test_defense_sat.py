@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from conftest import fit
 from bench.core.defense import DEFENSES
 from bench.core.errors import BenchError
 from bench.core.schedules import curriculum_lambda
@@ -27,16 +28,7 @@ B, EPS = 32, 0.1
 def warm(synthetic):
     """The tiny CNN after 10 full-batch Adam steps: ~70% train accuracy, unsaturated losses (so
     probability gaps spread over [−1, 1] and loss differences resolve the curvature). Eval mode."""
-    model = tiny_cnn(synthetic)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(10):
-        loss = F.cross_entropy(model(synthetic.train_x), synthetic.train_y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    for p in model.parameters():
-        p.grad = None
-    return model.eval()
+    return fit(tiny_cnn(synthetic), synthetic.train_x, synthetic.train_y, steps=10)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import defenses.spat
+from conftest import fit
 from bench.core.defense import DEFENSES
 from bench.core.errors import BenchError
 from defenses.spat import robustness_loss, self_paced_logits
@@ -21,15 +22,8 @@ B, S, BETA, ALPHA, LAM = 32, 5.0, 0.2, 0.2, 6.0
 @pytest.fixture(scope="module")
 def cosine_model(synthetic):
     """A tiny small_cnn with a cosine head after 40 Adam steps of NCE (CE on 5·cos θ), in train mode."""
-    model = tiny_cnn(synthetic, head="cosine")
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(40):
-        loss = F.cross_entropy(S * model(synthetic.train_x), synthetic.train_y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.zero_grad(set_to_none=True)
-    return model
+    return fit(tiny_cnn(synthetic, head="cosine"), synthetic.train_x, synthetic.train_y, steps=40,
+               loss=lambda logits, y: F.cross_entropy(S * logits, y)).train()
 
 
 def test_setup_refuses_a_model_without_a_cosine_head(synthetic, make_ctx):

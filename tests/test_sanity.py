@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from bench.core.attack import ATTACKS
 from bench.core.check import CHECKS, CheckContext, Record, paired
 from bench.core.data import load_dataset
 from bench.core.planted import PLANTS
