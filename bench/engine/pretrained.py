@@ -53,6 +53,13 @@ class Pretrained:
         """This source for `asker` ("defense 'tgcl'"), which may ask only for the `declared` defenses."""
         return dataclasses.replace(self, asker=asker, declared=tuple(declared))
 
+    def check_declared(self, defense: str) -> None:
+        """BenchError unless the asker declared `defense` in its `pretrained_defenses`."""
+        if self.declared is not None and defense not in self.declared:
+            raise BenchError(f"{self.asker} asks for a pretrained {defense!r} run but declares "
+                             f"pretrained_defenses = {self.declared}: add it there, so that its revision is part "
+                             f"of the asker's identity")
+
     def spec(self, defense: str = "natural", *, model: str | None = None, model_params: dict | None = None,
              train: dict | None = None, defense_params: dict | None = None, seed: int | None = None) -> RunSpec:
         """The run a call with these arguments trains. `train` overrides fields of the asking
@@ -70,10 +77,7 @@ class Pretrained:
         """The `which` ("best" or "last") checkpoint of that run, on the device, frozen, in eval mode."""
         if which not in ("best", "last"):
             raise BenchError(f"pretrained checkpoint must be 'best' or 'last', got {which!r}")
-        if self.declared is not None and defense not in self.declared:
-            raise BenchError(f"{self.asker} asks for a pretrained {defense!r} run but declares "
-                             f"pretrained_defenses = {self.declared}: add it there, so that its revision is part "
-                             f"of the asker's identity")
+        self.check_declared(defense)
         spec = self.spec(defense, **kwargs)
         # training reseeds the global RNG; the caller's stream must not depend on whether the run was stored
         with fork_rng(self.device):

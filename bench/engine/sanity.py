@@ -3,8 +3,9 @@
 
 The checks read every stored result of the checkpoint at its threat model, not only what the
 current command computed: the clean evaluation and each leaderboard attack (per label, the one on
-the most samples, then the newest), and the newest set of curves. So a narrower command (one
-more attack on fewer samples) adds to what the checks see and never removes from it. Each
+the most samples, then the newest), and the widest set of curves (the same rule). So a narrower
+command (one more attack on fewer samples) adds to what the checks see and never removes from it,
+and which command ran last does not change what they read. Each
 stored check records its revision and a digest of what it read; the checks are recomputed when
 either changes (or with `force`) and skipped otherwise.
 """
@@ -21,7 +22,7 @@ import torch
 from bench.core.attack import ATTACKS
 from bench.core.check import CHECKS, STATUSES, CheckContext, CheckResult, Record, not_run
 from bench.core.rng import fork_rng
-from bench.engine.curves import CurveSettings, unbounded_eps
+from bench.engine.curves import unbounded_eps
 from bench.engine.provenance import provenance
 from bench.store.schema import Evaluation, SanityCheck
 
@@ -44,8 +45,7 @@ def records(store, evaluations: list[Evaluation]) -> dict[int, Record]:
     return out
 
 
-def build_context(evaluator: "Evaluator", samples: "SampleSet",
-                  curve_settings: CurveSettings | None) -> tuple[CheckContext, str]:
+def build_context(evaluator: "Evaluator", samples: "SampleSet") -> tuple[CheckContext, str]:
     """The context of every stored result of the checkpoint at its threat model (see the module
     docstring), and a digest of what it holds."""
     store, threat = evaluator.store, evaluator.threat
@@ -54,8 +54,7 @@ def build_context(evaluator: "Evaluator", samples: "SampleSet",
         widest = evaluator.samples(clean.n_samples)
         samples = widest if widest.digest == clean.indices_hash else samples
     attacks = store.attack_evaluations(evaluator.checkpoint_id, threat.key)
-    digest = None if curve_settings is None else evaluator.samples(curve_settings.n_samples).digest
-    curves = store.curves(evaluator.checkpoint_id, digest, evaluator.seed)
+    curves = store.curves(evaluator.checkpoint_id, evaluator.seed)
     points = store.evaluations([eid for pts in curves.values() for _, eid in pts])
     recs = records(store, ([clean] if clean else []) + attacks + list(points.values()))
     ctx = CheckContext(evaluator.model, samples.x, samples.y, threat, evaluator.data.num_classes,
@@ -68,13 +67,12 @@ def build_context(evaluator: "Evaluator", samples: "SampleSet",
     return ctx, hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run_checks(evaluator: "Evaluator", samples: "SampleSet",
-               curve_settings: CurveSettings | None) -> dict[str, CheckResult] | None:
+def run_checks(evaluator: "Evaluator", samples: "SampleSet") -> dict[str, CheckResult] | None:
     """Run the registered checks on the checkpoint's stored results and store them: every check
     with `force`, else those not stored with their current revision and these inputs. Returns
     their results, or None when there was none to run."""
     store, threat = evaluator.store, evaluator.threat
-    ctx, inputs = build_context(evaluator, samples, curve_settings)
+    ctx, inputs = build_context(evaluator, samples)
     stored = {row.name: row for row in store.stored_checks(evaluator.checkpoint_id, threat.key)}
     names = [name for name in CHECKS.names() if evaluator.force or name not in stored
              or stored[name].revision != CHECKS.get(name).revision or stored[name].inputs_hash != inputs]

@@ -46,5 +46,5 @@ def evaluate_checkpoint(store: Store, checkpoint: str | Path, data: Dataset, spe
     outcomes += [evaluator.evaluate(spec.label, spec.attack, attack, samples) for spec, attack in attacks]
     if curves is not None:
         compute_curves(evaluator, curves)
-    checks = run_checks(evaluator, samples, curves) if sanity else None
+    checks = run_checks(evaluator, samples) if sanity else None
     return CheckpointReport(evaluator.checkpoint_id, outcomes, evaluator.computed, checks)

@@ -12,6 +12,7 @@ attack evaluation shares its row.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import sqlite3
 from contextlib import contextmanager
@@ -20,15 +21,15 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import delete, select
+from sqlalchemy import and_, delete, or_, select
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from bench.core.errors import BenchError
 from bench.store.engine import make_engine
 from bench.store.migrate import prepare_schema
-from bench.store.schema import (Checkpoint, Curve, CurvePoint, Evaluation, Run, RunCheckpoint, SampleResult,
-                                SanityCheck, TrainEpoch)
+from bench.store.schema import (Checkpoint, Curve, CurvePoint, Evaluation, Job, JobDependency, Run, RunCheckpoint,
+                                SampleResult, SanityCheck, TrainEpoch, utcnow)
 
 
 def database_url(db: str) -> str:
@@ -51,6 +52,18 @@ class SampleMatrix:
         of them, never the minimum of their accuracies."""
         n = len(self.index)
         return (float(self.correct.all(axis=1).mean()) if n else float("nan")), n
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A job as a plan describes it: a unique `key` (its identity), its `kind`, `priority`, the
+    `payload` its executor reads, and the keys of the jobs it `depends_on`."""
+
+    key: str
+    kind: str
+    priority: int
+    payload: dict
+    depends_on: tuple[str, ...] = ()
 
 
 def widest_per_label(rows: Sequence[Evaluation]) -> list[Evaluation]:
@@ -77,7 +90,8 @@ class Store:
             if readonly:
                 self.url = _readonly_url(self.url[len("sqlite:///"):])
         try:
-            self.engine = make_engine(self.url, readonly=readonly)
+            self.engine = make_engine(self.url, readonly=readonly, writing=False)
+            self._write_engine = self.engine if readonly else make_engine(self.url)
         except (SQLAlchemyError, ImportError, ValueError) as exc:
             raise BenchError(f"cannot open database {db!r}: {_first_line(exc)}") from None
         try:
@@ -86,12 +100,15 @@ class Store:
             raise BenchError(f"cannot open database {db!r}: {exc.__class__.__name__}: "
                              f"{exc.orig if hasattr(exc, 'orig') else exc}") from None
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._write_sessions = sessionmaker(self._write_engine, expire_on_commit=False)
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
+    def session(self, write: bool = False) -> Iterator[Session]:
         """One transaction: committed at the end of the block, rolled back on any error. A database
-        that fails underneath (disk full, locked too long) is a BenchError; nothing is half-written."""
-        s = self._sessions()
+        that fails underneath (disk full, locked too long) is a BenchError; nothing is half-written.
+        `write` takes SQLite's write lock at the start (every Store method that writes does), so
+        that concurrent writers queue instead of failing; a plain session writes too, alone."""
+        s = (self._write_sessions if write else self._sessions)()
         try:
             yield s
             s.commit()
@@ -112,7 +129,7 @@ class Store:
         """Write the run `run_id` as its state on disk says: its columns (`fields`; an empty label
         keeps the stored one, else the defense's name), its epoch log and its checkpoints ({kind:
         (path, sha256, epoch)}), so a lost or new database is rebuilt from the checkpoint folder."""
-        with self.session() as s:
+        with self.session(write=True) as s:
             run = s.get(Run, run_id) or Run(run_id=run_id)
             s.add(run)
             fields = {**fields, "label": fields.get("label") or run.label or fields["defense"]}
@@ -132,7 +149,7 @@ class Store:
                 self._slot(s, run_id, kind, checkpoint.checkpoint_id)
 
     def fail_run(self, run_id: str, message: str) -> None:
-        with self.session() as s:
+        with self.session(write=True) as s:
             run = s.get(Run, run_id)
             run.status, run.error = "failed", message
 
@@ -146,7 +163,7 @@ class Store:
                             epoch: int | None = None, kind: str | None = None) -> int:
         """The id of the checkpoint with this sha256 (created if new; its path updated); with
         `run_id` and `kind`, it becomes that run's `kind` checkpoint."""
-        with self.session() as s:
+        with self.session(write=True) as s:
             checkpoint = self._checkpoint(s, sha256, path, provenance, run_id=run_id, epoch=epoch)
             if run_id is not None and kind is not None:
                 self._slot(s, run_id, kind, checkpoint.checkpoint_id)
@@ -215,7 +232,7 @@ class Store:
         identity in the same transaction (so a failure keeps the old one); returns its id. The
         curve points that referred to the old row move to the new one, and an old leaderboard
         column stays one."""
-        with self.session() as s:
+        with self.session(write=True) as s:
             old = self._find(s, evaluation.checkpoint_id, evaluation.attack, evaluation.config_hash,
                              evaluation.indices_hash, evaluation.seed)
             points = []
@@ -240,7 +257,7 @@ class Store:
 
     def mark_attack(self, evaluation_id: int, label: str) -> None:
         """Make a stored evaluation a leaderboard column named `label`."""
-        with self.session() as s:
+        with self.session(write=True) as s:
             row = s.get(Evaluation, evaluation_id)
             row.role, row.label = "attack", label
 
@@ -301,7 +318,7 @@ class Store:
     def save_curve(self, checkpoint_id: int, name: str, x_label: str, indices_hash: str, seed: int,
                    points: dict[float, int], provenance: dict) -> int:
         """Create or update the curve and point it at these evaluations ({x: evaluation id})."""
-        with self.session() as s:
+        with self.session(write=True) as s:
             curve = s.scalar(select(Curve).where(Curve.checkpoint_id == checkpoint_id, Curve.name == name,
                                                  Curve.indices_hash == indices_hash, Curve.seed == seed))
             if curve is None:
@@ -316,18 +333,19 @@ class Store:
             s.flush()
             return curve.curve_id
 
-    def curves(self, checkpoint_id: int, indices_hash: str | None, seed: int) -> dict[str, list[tuple[float, int]]]:
-        """{curve name: [(x, evaluation id)]} of the checkpoint on one sample set and seed; with
-        `indices_hash` None, on the sample set of its newest curve."""
+    def curves(self, checkpoint_id: int, seed: int) -> dict[str, list[tuple[float, int]]]:
+        """{curve name: [(x, evaluation id)]} of the checkpoint's widest set of curves for `seed`:
+        the sample set with the most samples, then the newest (the rule of `widest_per_label`)."""
         with self.session() as s:
-            query = select(Curve).where(Curve.checkpoint_id == checkpoint_id, Curve.seed == seed)
-            if indices_hash is None:
-                newest = s.scalars(query.order_by(Curve.created_at.desc(), Curve.curve_id.desc())).first()
-                if newest is None:
-                    return {}
-                indices_hash = newest.indices_hash
-            return {c.name: [(p.x, p.evaluation_id) for p in c.points]
-                    for c in s.scalars(query.where(Curve.indices_hash == indices_hash))}
+            rows = s.execute(select(Curve.indices_hash, Evaluation.n_samples, Curve.created_at)
+                             .join(CurvePoint, CurvePoint.curve_id == Curve.curve_id)
+                             .join(Evaluation, Evaluation.evaluation_id == CurvePoint.evaluation_id)
+                             .where(Curve.checkpoint_id == checkpoint_id, Curve.seed == seed)).all()
+            if not rows:
+                return {}
+            widest = max(rows, key=lambda r: (r.n_samples, r.created_at)).indices_hash
+            return {c.name: [(p.x, p.evaluation_id) for p in c.points] for c in s.scalars(select(Curve).where(
+                Curve.checkpoint_id == checkpoint_id, Curve.seed == seed, Curve.indices_hash == widest))}
 
     # ------------------------------------------------------------------ sanity checks
 
@@ -341,13 +359,105 @@ class Store:
 
     def replace_checks(self, checkpoint_id: int, threat: str, rows: Sequence[SanityCheck]) -> None:
         """Store these checks of the checkpoint under the threat model, replacing those of the same names."""
-        with self.session() as s:
+        with self.session(write=True) as s:
             s.execute(delete(SanityCheck).where(SanityCheck.checkpoint_id == checkpoint_id,
                                                 SanityCheck.threat == threat,
                                                 SanityCheck.name.in_([r.name for r in rows])))
             for row in rows:
                 row.checkpoint_id, row.threat = checkpoint_id, threat
                 s.add(row)
+
+    # ------------------------------------------------------------------ jobs
+
+    def add_jobs(self, specs: Sequence["JobSpec"], force: bool = False) -> dict[str, int]:
+        """Insert the jobs that are not stored yet (pending) with their dependencies, and return
+        {key: job id} for all of them. Stored ones keep their state, except failed ones, which go
+        back to pending (the cause may be fixed), and with `force` every one (its work is redone)."""
+        ids: dict[str, int] = {}
+        with self.session(write=True) as s:
+            stored = {j.key: j for j in s.scalars(select(Job).where(Job.key.in_([spec.key for spec in specs])))}
+            for spec in specs:
+                job = stored.get(spec.key)
+                if job is None:
+                    job = Job(key=spec.key, kind=spec.kind, priority=spec.priority, payload=spec.payload,
+                              state="pending", force=force, attempts=0, did_work=False)
+                    s.add(job)
+                elif force or job.state == "failed":
+                    job.state, job.force, job.attempts, job.error = "pending", force or job.force, 0, None
+                    job.lease_owner = job.lease_expires = job.finished_at = None
+                s.flush()
+                ids[spec.key] = job.job_id
+            for spec in specs:
+                known = set(s.scalars(select(JobDependency.depends_on).where(JobDependency.job_id == ids[spec.key])))
+                s.add_all([JobDependency(job_id=ids[spec.key], depends_on=ids[dep])
+                           for dep in dict.fromkeys(spec.depends_on) if ids[dep] not in known])
+        return ids
+
+    def claim_job(self, owner: str, lease_seconds: float, among: Sequence[int] | None = None,
+                  max_attempts: int = 3) -> Job | None:
+        """Atomically claim one job whose dependencies are all done: a pending one, or a running one
+        whose worker's lease expired (a lost worker; after `max_attempts` claims it is failed
+        instead). Lower priority first, then the order the jobs were added. `among` limits the
+        candidates to these job ids. Returns the claimed job, or None."""
+        now = utcnow()
+        undone = select(JobDependency.job_id).join(Job, Job.job_id == JobDependency.depends_on).where(
+            Job.state != "done")
+        query = (select(Job).where(or_(Job.state == "pending", and_(Job.state == "running", Job.lease_expires < now)),
+                                   Job.job_id.not_in(undone))
+                 .order_by(Job.priority, Job.job_id).limit(1))
+        if among is not None:
+            query = query.where(Job.job_id.in_(list(among)))
+        while True:
+            with self.session(write=True) as s:
+                if s.bind.dialect.name == "postgresql":
+                    query = query.with_for_update(skip_locked=True, of=Job)
+                job = s.scalars(query).first()
+                if job is None:
+                    return None
+                if job.attempts >= max_attempts:
+                    job.state, job.finished_at = "failed", now
+                    job.error = f"its worker was lost {job.attempts} times (killed, or the node went away)"
+                    continue
+                job.state, job.lease_owner, job.attempts = "running", owner, job.attempts + 1
+                job.lease_expires = now + dt.timedelta(seconds=lease_seconds)
+                job.heartbeat, job.error = now, None
+                return job
+
+    def renew_lease(self, job_id: int, owner: str, lease_seconds: float) -> bool:
+        """Extend the lease of a job this owner holds; False when it no longer holds it."""
+        now = utcnow()
+        with self.session(write=True) as s:
+            job = s.get(Job, job_id)
+            if job is None or job.state != "running" or job.lease_owner != owner:
+                return False
+            job.heartbeat, job.lease_expires = now, now + dt.timedelta(seconds=lease_seconds)
+            return True
+
+    def finish_job(self, job_id: int, owner: str, *, state: str, did_work: bool = False, error: str | None = None) -> None:
+        """Record the end of a job's execution: "done", "failed" (with its one-line error) or
+        "pending" (released, to be retried). The work is idempotent, so a worker that finishes
+        after its lease expired still records it."""
+        with self.session(write=True) as s:
+            job = s.get(Job, job_id)
+            job.state, job.error, job.lease_owner, job.lease_expires = state, error, None, None
+            if state != "pending":
+                job.finished_at, job.did_work, job.force = utcnow(), did_work, False
+
+    def jobs(self, among: Sequence[int] | None = None) -> list[Job]:
+        """The jobs (these ids, or all) in the order they were added, each with its dependency ids
+        in `depends`."""
+        with self.session() as s:
+            query = select(Job).order_by(Job.job_id)
+            if among is not None:
+                query = query.where(Job.job_id.in_(list(among)))
+            jobs = list(s.scalars(query))
+            deps = s.execute(select(JobDependency.job_id, JobDependency.depends_on)).all()
+        per: dict[int, list[int]] = {}
+        for job_id, depends_on in deps:
+            per.setdefault(job_id, []).append(depends_on)
+        for job in jobs:
+            job.depends = sorted(per.get(job.job_id, []))
+        return jobs
 
     # ------------------------------------------------------------------ the report's bulk reads
 

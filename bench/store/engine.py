@@ -1,8 +1,9 @@
 """Database connections made safe for many writers.
 
-SQLite: WAL journal, a 60 s busy timeout, foreign keys on, and every write transaction begun
-IMMEDIATE (it takes the write lock first, so two processes never deadlock upgrading a read lock
-to a write lock: the second waits its turn instead of failing with "database is locked").
+SQLite: WAL journal, a 60 s busy timeout, foreign keys on; the engine for writing begins every
+transaction IMMEDIATE (it takes the write lock first, so two processes never deadlock upgrading a
+read lock to a write lock: the second waits its turn instead of failing with "database is
+locked"), the one for reading begins them deferred (readers never wait for writers in WAL).
 PostgreSQL (psycopg 3): plain transactions; schema changes serialize on an advisory lock.
 """
 
@@ -15,7 +16,7 @@ BUSY_TIMEOUT_S = 60
 SCHEMA_LOCK = 716_263_001  # PostgreSQL advisory lock id taken while the schema is created or migrated
 
 
-def make_engine(url: str, *, readonly: bool = False, migrating: bool = False) -> Engine:
+def make_engine(url: str, *, readonly: bool = False, migrating: bool = False, writing: bool = True) -> Engine:
     """An engine for `url`; SQLite connections configured as the module docstring says. While
     `migrating` (or checking whether the file is a store at all) foreign keys are off, tables being
     rebuilt, and the journal mode is left alone, so a file that is not ours is not touched."""
@@ -35,6 +36,6 @@ def make_engine(url: str, *, readonly: bool = False, migrating: bool = False) ->
 
     @event.listens_for(engine, "begin")
     def begin(connection):
-        connection.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if writing and not readonly else "BEGIN")
 
     return engine
