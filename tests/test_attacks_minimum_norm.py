@@ -218,6 +218,24 @@ def cw_quick(trained_model, synthetic):
     return ATTACKS.get("cw_l2")(steps=100, binary_steps=5)(trained_model, synthetic.test_x, synthetic.test_y)
 
 
+def test_cw_l2_early_abort_is_decided_per_sample(trained_model, synthetic):
+    """Each sample stops on its own loss, as the reference code with its batch of one: attacking 8
+    samples together or one at a time gives the same points and the same number of forward passes
+    per sample, and the samples stop at different iterations (so a batch-wide decision would differ)."""
+    x, y = synthetic.test_x[:8], synthetic.test_y[:8]
+    attack = ATTACKS.get("cw_l2")(steps=100, binary_steps=3)
+    with count_passes(trained_model) as together:
+        x_together = attack(trained_model, x, y)
+    alone, x_alone = [], []
+    for i in range(len(x)):
+        with count_passes(trained_model) as c:
+            x_alone.append(attack(trained_model, x[i:i + 1], y[i:i + 1]))
+        alone.append(c.forward)
+    torch.testing.assert_close(torch.cat(x_alone), x_together, rtol=0, atol=1e-4)
+    assert together.forward == sum(alone)
+    assert min(alone) < max(alone) < 3 * 100
+
+
 @pytest.mark.slow
 def test_cw_l2_defaults_fool_every_sample(trained_model, synthetic):
     """The paper's defaults (9 binary steps x 10,000 iterations, abort early) fool all 127 correctly
