@@ -90,7 +90,8 @@ class TGCL(Defense):
     - Sec. 4.1 opens phase 2 at k = 90 (and Sec. 6 plots k = 100 as the phase-1 model) but later
       starts it at k = 100; the default follows the latter (the issue's reading); `ks` sets the list.
     - Teacher budget: not given; by default the run's own training config (so `ctx.pretrained` gets
-      no `train`); `teacher_epochs` sets its epochs.
+      no `train`), or the one a suite gives it in `[defenses.LABEL.pretrained.pgd_at]`;
+      `teacher_epochs` sets its epochs.
     - Scale of the L2 terms: gradients w.r.t. pixels in [0, 1] (the benchmark's convention),
       squared L2 per sample averaged over the batch, times `l2_scale` (default 1). The authors'
       code (IGAM's train_igam.py, which theirs builds on) feeds 0-255 pixels to a model that
