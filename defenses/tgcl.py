@@ -101,8 +101,8 @@ class TGCL(Defense):
       nothing for a [0, 1] model, which would not fit Table 9's large effect of γ.
     - The authors' model (model_new.py, Madry's WRN-32-10) is not the benchmark's: it subtracts
       each image's mean over all pixels and channels and scales the image to unit L2 norm before
-      the first convolution (so it is invariant to the image's contrast scale, and its saliency is
-      orthogonal to the centred image), and uses leaky ReLU (slope 0.1). The harness trains every
+      the first convolution (so it is invariant to a uniform brightness shift and to contrast scaling,
+      and its saliency is orthogonal to both directions), and uses leaky ReLU (slope 0.1). The harness trains every
       defense on its registered architectures (ReLU, per-channel dataset mean/std): the saliency
       maps, and the effect of aligning them, may differ from theirs.
     - Precision: the whole step runs with autocast off (`bench.adversary.regularizers.full_precision`),
