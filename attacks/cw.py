@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bench.adversary.ball import per_sample
 from bench.adversary.losses import margin_loss
 from bench.adversary.pgd import pgd_with_restarts
 from bench.core.attack import Attack, register_attack
@@ -73,8 +72,12 @@ class CWL2(Attack):
     Each binary step restarts from x with a fresh Adam.
 
     Defaults are theirs: 9 binary steps, 10,000 iterations, lr 0.01, initial c 1e-3, κ = 0, abort
-    early (every 10% of the iterations, stop when the batch loss fell by less than 0.01%); with
-    ≥ 10 binary steps the last one uses the upper bound of c. (torchattacks 3.5.1's `CW` fixes c = 1
+    early (every 10% of the iterations, stop when the loss fell by less than 0.01% since the last
+    check); with ≥ 10 binary steps the last one uses the upper bound of c. The abort is decided per
+    sample, on its own loss: the reference code decides on the loss summed over its batch, which is
+    per sample at its default batch of one, so here a sample's result does not depend on the other
+    samples of the batch. A sample that stopped is no longer evaluated in that binary step (Adam is
+    elementwise, so the others' updates are unchanged). (torchattacks 3.5.1's `CW` fixes c = 1
     and runs 50 Adam steps, without the search over c.)
 
     Minimum-norm: returns, per sample, the adversarial iterate with the smallest L2 distance over
@@ -82,6 +85,7 @@ class CWL2(Attack):
     as Carlini's untargeted `compare` (for κ = 0, misclassified).
     """
 
+    revision = 2  # 2: early abort per sample (was: on the batch's summed loss)
     minimum_norm = True
     iterative = True
     norms = ("L2",)
@@ -113,35 +117,39 @@ class CWL2(Attack):
         const = torch.full((n,), c.initial_const, device=x.device)
         best_dist = torch.full((n,), float("inf"), device=x.device)
         best = x.clone()
-        index = torch.arange(n, device=x.device)
         for outer in range(c.binary_steps):
             if c.binary_steps >= 10 and outer == c.binary_steps - 1:
                 const = upper.clone()
             w = w0.clone().requires_grad_(True)
             optimizer = torch.optim.Adam([w], lr=c.lr)
             succeeded = torch.zeros(n, dtype=torch.bool, device=x.device)
-            previous = float("inf")
+            running = torch.ones(n, dtype=torch.bool, device=x.device)
+            previous = torch.full((n,), float("inf"), device=x.device)
             for it in range(c.steps):
+                idx = running.nonzero().squeeze(1)
+                if len(idx) == 0:
+                    break
                 with torch.enable_grad():
-                    x_new = (torch.tanh(w) + 1) / 2
+                    x_new = (torch.tanh(w[idx]) + 1) / 2
                     logits = model(x_new)
-                    hinge = (c.confidence - margin_loss(logits, y)).clamp(min=0)  # max(z_y − max_{j≠y} z_j + κ, 0)
-                    loss = ((x_new - x0).flatten(1).pow(2).sum(1) + const * hinge).sum()
-                    w.grad, = torch.autograd.grad(loss, w)
+                    hinge = (c.confidence - margin_loss(logits, y[idx])).clamp(min=0)  # max(z_y − max_{j≠y} z_j + κ, 0)
+                    losses = (x_new - x0[idx]).flatten(1).pow(2).sum(1) + const[idx] * hinge
+                    w.grad, = torch.autograd.grad(losses.sum(), w)  # zero on the rows no longer running
                 if c.abort_early and it % max(c.steps // 10, 1) == 0:
-                    if loss.item() > previous * 0.9999:
-                        break
-                    previous = loss.item()
+                    stalled = losses.detach() > previous[idx] * 0.9999
+                    previous[idx] = losses.detach()
+                    running[idx[stalled]] = False
+                    idx, x_new, logits = idx[~stalled], x_new[~stalled], logits[~stalled]
                 with torch.no_grad():
-                    x_it = x_new.detach()
-                    self.observe_in_ball(logits.detach(), y, x_it, x, index)
-                    true_class = F.one_hot(y, logits.shape[1]).bool()
-                    success = (logits.detach() + c.confidence * true_class).argmax(1) != y
-                    dist = perturbation_norms(x_it, x, "L2")
-                    better = success & (dist < best_dist)
-                    best_dist = torch.where(better, dist, best_dist)
-                    best = torch.where(per_sample(better, x_it), x_it, best)
-                    succeeded |= success
+                    x_it, yi = x_new.detach(), y[idx]
+                    self.observe_in_ball(logits.detach(), yi, x_it, x[idx], idx)
+                    true_class = F.one_hot(yi, logits.shape[1]).bool()
+                    success = (logits.detach() + c.confidence * true_class).argmax(1) != yi
+                    dist = perturbation_norms(x_it, x[idx], "L2")
+                    better = success & (dist < best_dist[idx])
+                    best_dist[idx[better]] = dist[better]
+                    best[idx[better]] = x_it[better]
+                    succeeded[idx[success]] = True
                 optimizer.step()
             upper = torch.where(succeeded, torch.minimum(upper, const), upper)
             lower = torch.where(succeeded, lower, torch.maximum(lower, const))

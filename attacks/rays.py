@@ -38,9 +38,15 @@ class RayS(Attack):
     bisects down to ~tol for it); the budget is strict (a bisection stops when a sample runs out,
     keeping its last adversarial point; the official code finishes it). Minimum-norm: returns the
     point at the best distance, or x where no ray is adversarial within the budget. `stats`:
-    `adbd` (mean boundary distance over samples with one found, misclassified ones at 0; absent
-    with early_stop), `found`, `samples`, `mean_queries`. L∞ only, as the paper.
+    `adbd`, the official code's ADBD (attack_robust.py averages RayS.py's `dist` over every
+    sample): the mean over all samples of the boundary distance, misclassified ones at 0, and a
+    sample whose boundary was never found at its clipped distance ‖clip(x + ∞·1, 0, 1) − x‖∞ =
+    max(1 − x), where the official search starts (s = 1, d = ∞); `adbd_found`, the mean over
+    the samples with a boundary found only (smaller when some are never fooled); both absent with
+    early_stop. Also `found`, `samples`, `mean_queries`. L∞ only, as the paper.
     """
+
+    revision = 2  # 2: adbd over all samples, never-fooled ones at their clipped distance (official); adbd_found
 
     kind = "decision"
     minimum_norm = True
@@ -119,15 +125,18 @@ class RayS(Attack):
             x_best[better] = (flat[better] + hi[better, None] * trial[better]).clamp(0, 1).view(-1, *x.shape[1:])
             best_dist[better] = perturbation_norms(x_best[better], x[better], "Linf")
             bisecting &= ~done
-        self._record(best_dist, used)
+        self._record(best_dist, (1 - flat).amax(1), used)
         return x_best
 
-    def _record(self, best_dist: torch.Tensor, used: torch.Tensor) -> None:
-        """Accumulate the batch's boundary distances and queries into `stats`."""
+    def _record(self, best_dist: torch.Tensor, clipped: torch.Tensor, used: torch.Tensor) -> None:
+        """Accumulate the batch's boundary distances (`clipped` where none was found) and queries
+        into `stats`."""
         found = best_dist < float("inf")
         s = self.accumulate(samples=len(used), found=int(found.sum()), queries=int(used.sum()))
         s["mean_queries"] = s["queries"] / s["samples"]
         if not self.config.early_stop:
-            self.accumulate(distance_sum=float(best_dist[found].sum()))
+            self.accumulate(distance_sum=float(torch.where(found, best_dist, clipped).sum()),
+                            found_distance_sum=float(best_dist[found].sum()))
+            s["adbd"] = s["distance_sum"] / s["samples"]
             if s["found"]:
-                s["adbd"] = s["distance_sum"] / s["found"]
+                s["adbd_found"] = s["found_distance_sum"] / s["found"]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from bench.adversary.ball import random_start
 from bench.adversary.losses import ce_loss, kl_per_sample
 from bench.adversary.pgd import pgd
-from bench.adversary.regularizers import jacobian_norm_sq
+from bench.adversary.regularizers import full_precision, jacobian_norm_sq
 from bench.core.config import require
 from bench.core.defense import Defense, register_defense
 
@@ -41,7 +41,12 @@ class ATLAS(Defense):
     S = ctx.epochs·ctx.steps_per_epoch stands for paper time s·paper_epochs/S, read at the step's
     start rather than at an epoch's middle (half a step apart), so the first step trains at ε = 0
     as the paper's ramp starts. `ramp_epochs = 0` turns it off.
+
+    The step runs with autocast off (`full_precision`): the Jacobian term's double backward in fp32
+    under the trainer's bf16 autocast.
     """
+
+    revision = 2  # 2: fp32 under bf16 autocast
 
     @dataclass(frozen=True)
     class Config:
@@ -64,6 +69,10 @@ class ATLAS(Defense):
         return min(1.0, ctx.step / ramp_steps) if ramp_steps > 0 else 1.0
 
     def training_step(self, model, x, y, ctx):
+        with full_precision(x.device):
+            return self._loss(model, x, y, ctx)
+
+    def _loss(self, model, x, y, ctx):
         c, norm = self.config, ctx.threat.norm
         scale = self.eps_scale(ctx)
         eps = scale * ctx.threat.eps

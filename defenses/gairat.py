@@ -31,18 +31,22 @@ class GAIRAT(Defense):
 
     Defaults (Sec. 4 and the authors' CIFAR-10 WRN code): K = 10 steps of 0.007 at ε = 0.031
     (`step_ratio` = 0.007/0.031), λ = −1 ("fixed" λ schedule), burn-in: plain PGD-AT (uniform ω, the
-    code's λ = +∞) for 60 of 120 epochs, reweighting from then on. Under a budget of E epochs the
-    1-based epoch e reweights once the paper time it stands for passes `begin_fraction` of training,
-    (e − ½)/E ≥ begin_fraction (`bench.core.schedules.paper_epoch`): at 120 epochs from epoch 61.
+    code's λ = +∞) for 59 of 120 epochs, reweighting from then on: the code loops over epochs from 0
+    and reweights when `(epoch + 1) >= begin_epoch` = 60, i.e. from its 1-based epoch 60
+    (`begin_fraction` = 59/120). Under a budget of E epochs the 1-based epoch e reweights once the
+    paper time it stands for passes `begin_fraction` of training, (e − ½)/E ≥ begin_fraction
+    (`bench.core.schedules.paper_epoch`): at 120 epochs from epoch 60, as the code.
     The code's other λ schedules ("linear", "piecewise") are not its defaults and are not included.
     """
+
+    revision = 2  # 2: reweighting from epoch 60 of 120 (was 61), as the code's `(epoch + 1) >= 60`
 
     @dataclass(frozen=True)
     class Config:
         steps: int = 10
         step_ratio: float = 0.007 / 0.031  # step size / ε
         lam: float = -1.0  # λ
-        begin_fraction: float = 60 / 120
+        begin_fraction: float = 59 / 120
 
         def __post_init__(self):
             require(self, at_least_one=("steps",), positive=("step_ratio",), non_negative=("begin_fraction",))

@@ -26,9 +26,14 @@ def curvature_score(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, alpha
     For a chunk, ∇ = ∇_θ of its mean CE stands in for each sample's gradient (App. C.2),
     ĝ = ∇/‖∇‖, α = alpha_ratio·‖∇‖ (App. C.1), so θ + αĝ = θ + alpha_ratio·∇, and
         σ_i = 2·[ℓ_i(θ + αĝ) − ℓ_i(θ)] / α² = 2·∇ℓ_iᵀĝ/α + ĝᵀH_iĝ + O(α),
-    H_i = ∇²_θ ℓ_i. The second term is the curvature of sample i's loss along the unit direction ĝ,
-    a Rayleigh quotient: at most the top eigenvalue of H_i, not an upper bound of it. The first is
-    the sample's first-order alignment with ĝ; with a per-sample gradient (chunk = 1) it is the same
+    H_i = ∇²_θ ℓ_i. Normalization: 2/α², from the second-order expansion of Eq. (42) at ζ = αĝ
+    (ℓ(θ + αĝ) − ℓ(θ) − α∇ℓᵀĝ = ½α²ĝᵀHĝ). The printed Eq. (20)/(46), (1/α){ℓ(θ + αg) + α‖∇ℓ‖} − ℓ(θ),
+    divides by α only and is dimensionally inconsistent (a loss over α minus a loss; Eqs. (43)-(44)
+    take ‖ζ‖ = 1, and substituting ζ = αg scales the quadratic term by α², not α): read literally,
+    it ranks by ℓ(θ + αg)/α, the perturbed loss itself, not a curvature. The second term is the
+    curvature of sample i's loss along the unit direction ĝ, a Rayleigh quotient: at most the top
+    eigenvalue of H_i, not an upper bound of it. The first is the sample's first-order alignment
+    with ĝ; with a per-sample gradient (chunk = 1) it is the same
     2/alpha_ratio for every sample and the ranking is by ĝᵀH_iĝ, but with chunk gradients it varies
     from sample to sample on the scale of 2/alpha_ratio (200 by default) and dominates the ranking.
     Passes: one forward and one backward (to x and θ together), then one forward without grad at
@@ -80,6 +85,12 @@ class HSAT(Defense):
     schedule_values = [0, 0.3333, 0.6667, 1]); a suite sets these in its [defenses.h_sat] table.
     The adversary and the estimate run in eval mode (as the authors' ATES code for P-SAT); the
     rounding of λ·B is ours (the paper says only "fraction").
+
+    Augmentation: App. A trains with "random crop, flip, scaling, and brightness jitter"; the
+    harness gives every defense its dataset's augmentation (CIFAR-10: random crop after 4-pixel
+    padding and horizontal flip), so that defenses differ only in their method. The scaling and
+    brightness jitter (whose ranges the paper does not give) are left out: expect the paper's clean
+    accuracy to differ somewhat.
     """
 
     @dataclass(frozen=True)

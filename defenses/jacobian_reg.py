@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from bench.adversary.regularizers import jacobian_norm_sq
+from bench.adversary.regularizers import full_precision, jacobian_norm_sq
 from bench.core.config import require
 from bench.core.defense import Defense, register_defense
 
@@ -21,8 +21,11 @@ class JacobianReg(Defense):
     α = 0.5, the value of App. B for MNIST, CIFAR-10 and CIFAR-100. The penalty is ‖J‖²_F itself,
     as ATLAS Eq. (12) writes it; Hoffman et al.'s reference module returns ½‖J‖²_F (their λ_JR/2),
     so if the ATLAS authors used it their α is twice ours. No adversary, no ε: the threat model
-    only matters for validation.
+    only matters for validation. The step runs with autocast off (`full_precision`): a double
+    backward in fp32 under the trainer's bf16 autocast.
     """
+
+    revision = 2  # 2: fp32 under bf16 autocast
 
     @dataclass(frozen=True)
     class Config:
@@ -33,7 +36,8 @@ class JacobianReg(Defense):
             require(self, at_least_one=("projections",))
 
     def training_step(self, model, x, y, ctx):
-        x = x.clone().requires_grad_(True)
-        logits = model(x)
-        penalty = jacobian_norm_sq(logits, x, self.config.projections).mean()
-        return F.cross_entropy(logits, y) + self.config.alpha * penalty
+        with full_precision(x.device):
+            x = x.clone().requires_grad_(True)
+            logits = model(x)
+            penalty = jacobian_norm_sq(logits, x, self.config.projections).mean()
+            return F.cross_entropy(logits, y) + self.config.alpha * penalty

@@ -45,6 +45,12 @@ class PSAT(Defense):
     L2-normalized steps, as the authors' ATES code (`adv_model.PGDModel`); ψ_P is read from the
     same forward pass that gives the step's gradient; the iterate that first violates the
     constraint is kept (the step that crossed λ is not undone), as Algorithm 1 and that code.
+
+    Augmentation: App. A trains with "random crop, flip, scaling, and brightness jitter"; the
+    harness gives every defense its dataset's augmentation (CIFAR-10: random crop after 4-pixel
+    padding and horizontal flip), so that defenses differ only in their method. The scaling and
+    brightness jitter (whose ranges the paper does not give) are left out: expect the paper's clean
+    accuracy to differ somewhat.
     """
 
     @dataclass(frozen=True)

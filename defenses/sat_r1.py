@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from bench.adversary.losses import ce_loss
 from bench.adversary.pgd import pgd
+from bench.adversary.regularizers import full_precision
 from bench.core.config import require
 from bench.core.defense import Defense, register_defense
 from bench.core.models import eval_mode
@@ -28,8 +29,12 @@ class SATR1(Defense):
     ifgsm_steps = 40 in its [defenses.sat_r1] table.
     As that code: x_fgsm and x_ifgsm are generated in eval mode, the k pairs are the last k samples
     of the (shuffled) batch, and one train-mode forward of [x_fgsm; x_ifgsm] (B + k samples) gives
-    both terms; the penalty back-propagates through both logits.
+    both terms; the penalty back-propagates through both logits. That forward and the loss run with
+    autocast off (`full_precision`): in bf16 the difference of two nearby logit vectors is largely
+    rounding (measured there); the examples are generated under the trainer's autocast.
     """
+
+    revision = 2  # 2: the loss in fp32 under bf16 autocast
 
     @dataclass(frozen=True)
     class Config:
@@ -47,6 +52,7 @@ class SATR1(Defense):
             x_fgsm = pgd(model, x, lambda logits: ce_loss(logits, y), eps=eps, norm=norm, steps=1, step_size=eps)
             x_ifgsm = pgd(model, x[-k:], lambda logits: ce_loss(logits, y[-k:]), eps=eps, norm=norm,
                           steps=c.ifgsm_steps, step_size=eps / c.ifgsm_steps)
-        logits = model(torch.cat([x_fgsm, x_ifgsm]))
-        fgsm, ifgsm = logits[:len(x)], logits[len(x):]
-        return F.cross_entropy(fgsm, y) + c.lam * (fgsm[-k:] - ifgsm).pow(2).sum(1).mean()
+        with full_precision(x.device):
+            logits = model(torch.cat([x_fgsm, x_ifgsm]))
+            fgsm, ifgsm = logits[:len(x)], logits[len(x):]
+            return F.cross_entropy(fgsm, y) + c.lam * (fgsm[-k:] - ifgsm).pow(2).sum(1).mean()

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from bench.adversary.ball import l2_norm
 from bench.adversary.losses import ce_loss
 from bench.adversary.pgd import pgd
+from bench.adversary.regularizers import full_precision
 from bench.core.defense import Defense, register_defense
 from bench.core.errors import BenchError
 from bench.core.models import eval_mode
@@ -34,8 +35,12 @@ class SATR2(Defense):
     That code steps ε (not ε − α) from x', leaving the ε ball; we follow Eq. (3), which stays in it.
     A MNIST suite sets lam = 5 and rand_ratio = 0.0333 in its [defenses.sat_r2] table.
     As that code: both examples are generated in eval mode and one train-mode forward of
-    [x_fgsm; x_rfgsm] gives both terms; the penalty back-propagates through both logits.
+    [x_fgsm; x_rfgsm] gives both terms; the penalty back-propagates through both logits. That forward
+    and the loss run with autocast off (`full_precision`): in bf16 the difference of two nearby logit
+    vectors is largely rounding (measured there); the examples are generated under the trainer's autocast.
     """
+
+    revision = 2  # 2: the loss in fp32 under bf16 autocast
 
     @dataclass(frozen=True)
     class Config:
@@ -54,5 +59,6 @@ class SATR2(Defense):
             start = (x + sign_noise(x, norm, alpha)).clamp(0, 1)
             x_rfgsm = pgd(model, x, lambda logits: ce_loss(logits, y), eps=eps, norm=norm, steps=1,
                           step_size=eps - alpha, x_init=start)
-        fgsm, rfgsm = model(torch.cat([x_fgsm, x_rfgsm])).chunk(2)
-        return F.cross_entropy(fgsm, y) + c.lam * (fgsm - rfgsm).pow(2).sum(1).mean()
+        with full_precision(x.device):
+            fgsm, rfgsm = model(torch.cat([x_fgsm, x_rfgsm])).chunk(2)
+            return F.cross_entropy(fgsm, y) + c.lam * (fgsm - rfgsm).pow(2).sum(1).mean()

@@ -30,6 +30,11 @@ class SATR3(Defense):
     the paper's FGSM from x. As that code: the gradient is taken in eval mode, and one train-mode
     forward of [x_low; x_high] gives both losses, both back-propagated. A MNIST suite sets
     tau = 0.4 and low_ratio = 0.3333 in its [defenses.sat_r3] table.
+
+    Precision: unlike SAT-R1/R2 the loss runs under the trainer's bf16 autocast: it is no difference
+    of nearly equal values (τ = 0.6) and no double backward. Measured on CPU bf16 autocast (PreAct
+    ResNet-18, batch 32): the loss within 0.1% of fp32, its weight gradient within 20% (cosine 0.98),
+    as close as plain cross-entropy's (25%, cosine 0.97).
     """
 
     @dataclass(frozen=True)

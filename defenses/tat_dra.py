@@ -85,9 +85,13 @@ class TATDRA(Defense):
     with the thesis.
 
     Natural pre-training: `ctx.pretrained("natural")`, best (clean-validation) checkpoint, copied into
-    the model in `setup`. The thesis gives no epoch count for it (only the shared optimizer settings),
-    so by default it uses the run's own training config; `pretrain_epochs` overrides its epochs.
-    Nor does it give the fine-tuning learning rate: that is the trainer's (suite's) choice.
+    the model in `setup`. The thesis gives no budget for it, only that it is vanilla (standard)
+    training (its vanilla ResNet-18: 93.1% clean, Table 4.4). Without more it is trained with the
+    run's own training config, which is TAT's fine-tuning one (in the CIFAR-10 suite 60 epochs at
+    lr 0.01, not how a natural model is trained); a suite gives it its own, the natural recipe, in
+    `[defenses.LABEL.pretrained.natural]` (`RunSpec.pretrained_train`). `pretrain_epochs` overrides
+    the epochs of whichever config it gets. The thesis does not give the fine-tuning learning rate
+    either: that is the trainer's (suite's) choice.
     Its cost is recorded in that run, not in this one's passes per sample. The 1:1 mix is one
     concatenated batch [x; x_dra] (so batch norm sees both halves), our reading of "iteratively
     update upon clean and adversarial samples".

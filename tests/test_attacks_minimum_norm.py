@@ -141,6 +141,34 @@ def test_rays_early_stop_gives_the_same_robust_accuracy_for_fewer_queries(traine
     assert "adbd" in full.stats and "adbd" not in early.stats
 
 
+class AlwaysZero(nn.Module):
+    """Predicts class 0 everywhere: class-0 samples are never fooled, the others are misclassified at x."""
+
+    def forward(self, x):
+        return torch.tensor([1.0, 0.0, 0.0, 0.0]).expand(len(x), 4)
+
+
+def test_rays_adbd_counts_never_fooled_samples_at_their_clipped_distance(trained_model, synthetic):
+    """ADBD as the official code reports it: the mean over all samples, one never fooled within the
+    budget at ‖clip(x + ∞·1) − x‖∞ = max(1 − x) (its search's start), a misclassified one at 0;
+    `adbd_found` averages the fooled ones only. On the trained model every boundary is found and the
+    two agree with the returned points."""
+    x, y = synthetic.test_x[:64], synthetic.test_y[:64]
+    attack = ATTACKS.get("rays")(queries=20)
+    attack(AlwaysZero(), x, y)
+    never = y == 0
+    assert 0 < int(never.sum()) == len(x) - attack.stats["found"]
+    clipped = (1 - x).flatten(1).amax(1)
+    assert attack.stats["adbd"] == pytest.approx((clipped * never).sum().item() / len(x), rel=1e-5)
+    assert attack.stats["adbd_found"] == 0.0 and attack.stats["adbd"] > 0.1
+
+    attack = ATTACKS.get("rays")(queries=20)
+    x_adv = attack(trained_model, x, y)
+    assert attack.stats["found"] == len(x)
+    dist = (x_adv - x).flatten(1).abs().amax(1)
+    assert attack.stats["adbd"] == attack.stats["adbd_found"] == pytest.approx(dist.mean().item(), rel=1e-5)
+
+
 class Quantized(nn.Module):
     """`model` behind input quantization to 1/16: gradients through round() are zero (masked),
     decisions are not."""
@@ -205,8 +233,9 @@ def test_harness_reads_minimum_norm_results(name, params, trained_model, synthet
     norm, eps = attack.config.norm, attack.config.eps
     assert torch.equal(result.correct, robust_at(trained_model, x, y, x_adv, norm, eps))
     assert not result.silent_success.any()
-    if name == "rays":  # ADBD: the mean distance the harness stores (0 for misclassified samples)
-        assert attack.stats["adbd"] == pytest.approx(result.norms.nanmean().item(), rel=1e-5)
+    if name == "rays":  # every boundary found here: both ADBDs are the mean distance the harness stores
+        assert attack.stats["found"] == len(x)
+        assert attack.stats["adbd"] == attack.stats["adbd_found"] == pytest.approx(result.norms.mean().item(), rel=1e-5)
 
 
 # --------------------------------------------------------------------------- C&W-L2
@@ -216,6 +245,24 @@ def test_harness_reads_minimum_norm_results(name, params, trained_model, synthet
 def cw_quick(trained_model, synthetic):
     """C&W-L2 with 100 iterations x 5 binary steps on the 128 test images (deterministic)."""
     return ATTACKS.get("cw_l2")(steps=100, binary_steps=5)(trained_model, synthetic.test_x, synthetic.test_y)
+
+
+def test_cw_l2_early_abort_is_decided_per_sample(trained_model, synthetic):
+    """Each sample stops on its own loss, as the reference code with its batch of one: attacking 8
+    samples together or one at a time gives the same points and the same number of forward passes
+    per sample, and the samples stop at different iterations (so a batch-wide decision would differ)."""
+    x, y = synthetic.test_x[:8], synthetic.test_y[:8]
+    attack = ATTACKS.get("cw_l2")(steps=100, binary_steps=3)
+    with count_passes(trained_model) as together:
+        x_together = attack(trained_model, x, y)
+    alone, x_alone = [], []
+    for i in range(len(x)):
+        with count_passes(trained_model) as c:
+            x_alone.append(attack(trained_model, x[i:i + 1], y[i:i + 1]))
+        alone.append(c.forward)
+    torch.testing.assert_close(torch.cat(x_alone), x_together, rtol=0, atol=1e-4)
+    assert together.forward == sum(alone)
+    assert min(alone) < max(alone) < 3 * 100
 
 
 @pytest.mark.slow

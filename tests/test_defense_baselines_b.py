@@ -4,6 +4,7 @@ the defense's code (test_defenses.py covers one step, one trainer epoch, modes a
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -59,11 +60,15 @@ def test_paper_defaults():
     assert (cfg["dat"].c_max, cfg["dat"].steps, cfg["dat"].step_ratio) == (0.5, 10, 0.25)
     assert cfg["dat"].control_fraction * 120 == pytest.approx(100)
     assert (cfg["cat"].max_steps, cfg["cat"].step_budget, cfg["cat"].step_spread) == (7, 2.0, 10.0)
-    assert (cfg["awp"].base, cfg["awp"].gamma, cfg["awp"].steps, cfg["awp"].step_ratio) == ("pgd_at", 5e-3, 10, 0.25)
-    assert cfg["awp"].start_fraction * 200 == pytest.approx(10) and cfg["awp"].beta == 6.0
+    assert (cfg["awp"].base, cfg["awp"].gamma, cfg["awp"].steps, cfg["awp"].step_ratio) == ("pgd_at", 1e-2, 10, 0.25)
+    assert cfg["awp"].start_fraction == 0.0 and cfg["awp"].beta == 6.0
+    trades_awp = DEFENSES.get("awp")(base="trades").config
+    assert trades_awp.gamma == 5e-3 and trades_awp.start_fraction * 200 == pytest.approx(9)
+    assert DEFENSES.get("awp")(base="trades", gamma=5e-3, start_fraction=9 / 200).params() == dataclasses.asdict(trades_awp)
+    assert DEFENSES.get("awp")(base="trades", gamma=0.02).config.start_fraction == trades_awp.start_fraction
     assert (cfg["gairat"].steps, cfg["gairat"].lam) == (10, -1.0)
     assert cfg["gairat"].step_ratio * 0.031 == pytest.approx(0.007)
-    assert cfg["gairat"].begin_fraction * 120 == pytest.approx(60)
+    assert cfg["gairat"].begin_fraction * 120 == pytest.approx(59)
     with pytest.raises(BenchError, match="unknown base 'mart'. Accepted: pgd_at, trades"):
         DEFENSES.get("awp")(base="mart")
 
@@ -384,14 +389,17 @@ def test_awp_steps_from_the_perturbed_weights_then_removes_the_perturbation(trai
 
 
 def test_awp_warm_up(trained, data, make_ctx):
-    """While the run's epoch stands for a paper time before start_fraction (10 of 200 by default;
-    epoch e of E at (e − ½)/E, bench.core.defense.paper_epoch) AWP is plain PGD-AT: weights untouched,
-    11 forward passes. At 200 epochs the warm-up is epochs 1-10, the code's `--awp-warmup 10` (the
-    earlier ⌈start_fraction·E⌉ rule started AWP at epoch 10, after 9)."""
-    defense = DEFENSES.get("awp")()
-    assert [defense.active(e, 200) for e in (10, 11, 200)] == [False, True, True]
-    assert [defense.active(e, 20) for e in (1, 2)] == [False, True]  # 0.025 < 0.05 <= 0.075
-    assert defense.active(1, 1)
+    """While the run's epoch stands for a paper time before start_fraction (epoch e of E at (e − ½)/E,
+    bench.core.schedules.paper_epoch) AWP is plain base training: weights untouched, 11 forward
+    passes for PGD-AT. TRADES-AWP's default 9/200 starts AWP at epoch 10 of 200, as the authors' code
+    (`epoch >= 10`, epochs counted from 1: 9 warm-up epochs); AT-AWP's code has no warm-up."""
+    trades = DEFENSES.get("awp")(base="trades")
+    assert [trades.active(e, 200) for e in (9, 10, 200)] == [False, True, True]
+    assert [trades.active(e, 20) for e in (1, 2)] == [False, True]  # 0.025 < 0.045 <= 0.075
+    assert trades.active(1, 1)
+    assert DEFENSES.get("awp")().active(1, 200)
+    defense = DEFENSES.get("awp")(start_fraction=10 / 200)
+    assert [defense.active(e, 200) for e in (10, 11)] == [False, True]
     x, y = data
     before = copy.deepcopy(trained)
     inputs, handle = record_forwards(trained)
@@ -443,16 +451,16 @@ def test_gair_weights():
 def test_gairat_kappa_and_weighted_loss(trained, data, make_ctx):
     """κ counts the correctly classified iterates x⁰ … x^{K−1} of eval-mode PGD-10 (step 0.007/0.031·ε,
     uniform start); after the burn-in the loss is mean(ω·CE(x')), before it mean CE(x'). The burn-in
-    holds while (e − ½)/E < begin_fraction (bench.core.defense.paper_epoch): epochs 1-60 of 120, the code's
-    60 (the earlier ⌈begin_fraction·E⌉ rule reweighted from epoch 60, after 59)."""
+    holds while (e − ½)/E < begin_fraction (bench.core.schedules.paper_epoch): epochs 1-59 of 120, as
+    the code, which counts epochs from 0 and reweights once `(epoch + 1) >= 60`."""
     x, y = data
     defense = DEFENSES.get("gairat")()
-    assert [defense.reweighting(e, 120) for e in (60, 61)] == [False, True] and defense.reweighting(1, 1)
+    assert [defense.reweighting(e, 120) for e in (59, 60)] == [False, True] and defense.reweighting(1, 1)
     inputs, handle = record_forwards(trained)
     torch.manual_seed(0)
     loss = defense.training_step(trained, x, y, make_ctx(trained, eps=EPS))
     torch.manual_seed(0)
-    plain = defense.training_step(trained, x, y, at_epoch(make_ctx(trained, eps=EPS), 60, 120))
+    plain = defense.training_step(trained, x, y, at_epoch(make_ctx(trained, eps=EPS), 59, 120))
     handle.remove()
 
     torch.manual_seed(0)

@@ -4,6 +4,7 @@ L1-type budget), the budget schedule, the 1:1 clean/DRA mix and the natural star
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -12,8 +13,12 @@ import torch.nn.functional as F
 
 from bench.core.defense import DEFENSES
 from bench.core.errors import BenchError
+from bench.core.threat import ThreatModel
+from bench.engine.runspec import RunSpec, build_train_config
+from bench.engine.trainer import train
+from bench.store import Store
 from defenses.tat_dra import dra
-from tests.conftest import tiny_cnn
+from tests.conftest import PRETRAIN, TINY, tiny_cnn
 
 B = 32
 
@@ -168,6 +173,28 @@ def test_pretraining_budget_is_a_knob(synthetic, make_ctx):
     DEFENSES.get("tat_dra")().setup(model, ctx)
     DEFENSES.get("tat_dra")(pretrain_epochs=3).setup(model, ctx)
     assert calls == [("natural", {"train": None}), ("natural", {"train": {"epochs": 3}})]
+
+
+def test_the_natural_start_carries_its_own_training_config(synthetic, make_ctx, tmp_path):
+    """`RunSpec.pretrained_train` (a suite's [defenses.LABEL.pretrained.natural]) trains the natural
+    start with its own config instead of TAT's: the trainer stores that natural run, the config is
+    part of the TAT run's identity (and absent from it when not given), `pretrain_epochs` still
+    overrides its epochs, and a run the defense does not train on demand is refused."""
+    threat = ThreatModel("Linf", 0.1)
+    natural_cfg = build_train_config({**PRETRAIN, "epochs": 2, "lr": 0.005})
+    spec = RunSpec("tat_dra", "synthetic", "small_cnn", threat, build_train_config(PRETRAIN),
+                   model_params=dict(TINY), pretrained_train={"natural": natural_cfg})
+    alone = dataclasses.replace(spec, pretrained_train={})
+    assert "pretrained_train" not in alone.canonical() and spec.run_id != alone.run_id
+    train(spec, synthetic, store=Store(str(tmp_path / "results.db")), checkpoint_root=tmp_path, progress=False)
+    natural = RunSpec("natural", "synthetic", "small_cnn", threat, natural_cfg, model_params=dict(TINY))
+    assert (tmp_path / natural.run_id / "best.pt").exists()
+    assert not (tmp_path / dataclasses.replace(natural, train=spec.train).run_id).exists()
+
+    pretrained = dataclasses.replace(make_ctx(tiny_cnn(synthetic)).pretrained, dependency_train={"natural": natural_cfg})
+    assert pretrained.spec("natural", train={"epochs": 3}).train == dataclasses.replace(natural_cfg, epochs=3)
+    with pytest.raises(BenchError, match="trains no pretrained 'pgd_at' run"):
+        dataclasses.replace(spec, pretrained_train={"pgd_at": natural_cfg}).canonical()
 
 
 def test_paper_defaults_and_validation():

@@ -99,10 +99,10 @@ def test_paper_defaults_and_validation():
     c = TGCL().config
     assert (c.beta, c.gamma_align, c.gamma_curriculum) == (2.0, 10.0, 20.0)
     assert (c.phase1_epochs, c.epochs_per_k, c.ks) == (100, 15, (100, 90, 80, 70, 60, 50))
-    assert c.teacher_steps == 7 and c.teacher_epochs is None
+    assert c.teacher_steps == 7 and c.teacher_epochs is None and c.l2_scale == 1.0
     for bad in ({"ks": [100, 0]}, {"ks": [101]}, {"ks": []}, {"epochs_per_k": -1},
                 {"phase1_epochs": 0, "epochs_per_k": 0}, {"teacher_steps": 0}, {"disc_lr": 0.0},
-                {"teacher_epochs": 0}):
+                {"teacher_epochs": 0}, {"l2_scale": 0.0}):
         with pytest.raises(BenchError):
             TGCL(**bad)
 
@@ -202,6 +202,20 @@ def test_loss_recomputed_independently(k, student, teacher, data, make_ctx):
         # two double backwards summing in different orders: float32 noise of ~2e-6 on entries of ~1e-2
         torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-5 * e.abs().max().item())
     assert all(p.grad is None for p in student.parameters())
+
+
+def test_l2_scale_multiplies_the_l2_terms_only(student, teacher, data, make_ctx):
+    """Phase 1 with `l2_scale` s is CE + 2·L_Robust + 10·s·L_diff: from s = 1 to 3 the loss grows by
+    20·L_diff and nothing else (the discriminator's step does not see s)."""
+    x, y = data
+    ctx = make_ctx(student)
+    losses = {}
+    for scale in (1.0, 3.0):
+        torch.manual_seed(0)
+        losses[scale] = ready(student, ctx, teacher, l2_scale=scale).training_step(student, x, y, ctx)
+    l_diff = sq(saliencies(student, x, y)[1], teacher_saliency(teacher, x, y))
+    assert 20 * l_diff > 1.0
+    torch.testing.assert_close(losses[3.0] - losses[1.0], 20 * l_diff, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("k", [None, 50])

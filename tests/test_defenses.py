@@ -571,3 +571,39 @@ def test_mart_loss_matches_the_paper(beta, trained, data, make_ctx, monkeypatch)
     assert abs(loss.item() - expected.item()) <= 2e-3, (loss.item(), expected.item())
     # the runner-up term matters: without it the loss would be off by far more than the tolerance
     assert (-torch.log(1 - runner_up)).mean() > 0.05
+
+
+def mart_reference(model, x, x_adv, y, beta, detach_weight=False, detach_p=False):
+    """Eq. (8) with gradients, from the paper: the runner-up as a masked max, the log guards as the
+    authors' constants (1.0001, 1e-12, 1.0000001). `detach_*` cut one path, as a wrong
+    implementation would."""
+    p, p_adv = F.softmax(model(x), dim=1), F.softmax(model(x_adv), dim=1)
+    idx = torch.arange(len(y))
+    runner_up = p_adv.masked_fill(F.one_hot(y, p_adv.shape[1]).bool(), -1.0).max(1).values
+    bce = -torch.log(p_adv[idx, y]) - torch.log(1.0001 - runner_up + 1e-12)
+    p_kl = p.detach() if detach_p else p
+    kl = (p_kl * (torch.log(p_kl + 1e-12) - torch.log(p_adv + 1e-12))).sum(1)
+    weight = 1.0000001 - p[idx, y]
+    return bce.mean() + beta * (kl * (weight.detach() if detach_weight else weight)).mean()
+
+
+def test_mart_gradients_flow_through_the_weight_and_both_distributions(trained, data, make_ctx, monkeypatch):
+    """The gradient of MART's loss (x' fixed) is that of Eq. (8) with every path kept: through
+    1 − p_y(x), p(x) and p(x') in the KL, and the BCE. Detaching the weight or p(x) changes the
+    gradient far beyond the tolerance, so either mistake fails here."""
+    model = Tempered(trained).train()
+    x, y = data
+    g = torch.Generator().manual_seed(0)
+    x_fixed = (x + 0.1 * torch.randint(0, 2, x.shape, generator=g).float().mul(2).sub(1)).clamp(0, 1)
+    monkeypatch.setattr(defenses.mart, "pgd", lambda *args, **kwargs: x_fixed)
+    params = list(model.parameters())
+    got = torch.autograd.grad(DEFENSES.get("mart")().training_step(model, x, y, make_ctx(model, eps=0.1)), params)
+
+    def flat_grad(**detach):
+        return torch.cat([g.flatten() for g in torch.autograd.grad(mart_reference(model, x, x_fixed, y, 5.0, **detach), params)])
+
+    got, expected = torch.cat([g.flatten() for g in got]), flat_grad()
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * scale)
+    for detach in ({"detach_weight": True}, {"detach_p": True}):
+        assert (flat_grad(**detach) - expected).abs().max().item() > 1e-2 * scale, detach

@@ -11,6 +11,8 @@ the defenses to train and the attacks to evaluate every checkpoint with.
     [curves]      CurveSettings fields (n_samples, eps, steps, restarts, ...); used when evaluation.curves
     [defenses.LABEL]  defense = NAME (default LABEL), training = {overrides}, model = {overrides of [model]
                       parameters, or name = other architecture and its parameters}, other keys: parameters
+    [defenses.LABEL.pretrained.NAME]  the training config (overrides of [training]) of the NAME run the
+                      defense trains on demand (`ctx.pretrained`), instead of the defense's own
     [attacks.LABEL]   attack = NAME (default LABEL), other keys: parameters (norm, eps default to [threat])
     [planted.LABEL]   from = a defense LABEL, kind = a plant of bench.core.planted, checkpoint = "best" | "last":
                       that checkpoint wrapped by a planted failure, evaluated like the others (sanity demo)
@@ -146,14 +148,19 @@ def parse_suite(doc: dict[str, Any], path: Path) -> Suite:
         entry = dict(entry)
         overrides = entry.pop("training", {})
         model_over = dict(entry.pop("model", {}))
-        if not isinstance(overrides, dict) or not isinstance(model_over, dict):
-            raise BenchError(f"{where}: [defenses.{label}] training and model must be tables")
+        dependencies = entry.pop("pretrained", {})
+        if not all(isinstance(t, dict) for t in (overrides, model_over, dependencies)) or \
+                not all(isinstance(t, dict) for t in dependencies.values()):
+            raise BenchError(f"{where}: [defenses.{label}] training, model and pretrained.NAME must be tables")
         run_model = model_over.pop("name", None)
         spec = RunSpec(defense=entry.pop("defense", label), dataset=doc["dataset"], model=run_model or model,
                        threat=threat,
                        train=build_train_config({**train_defaults, **overrides}, f"{where} training of {label!r}"),
                        defense_params=entry, model_params=model_over if run_model else {**model_table, **model_over},
-                       dataset_options=dataset_options, seed=seed, label=label)
+                       dataset_options=dataset_options, seed=seed, label=label,
+                       pretrained_train={name: build_train_config({**train_defaults, **table},
+                                                                  f"{where} training of {label!r}'s pretrained {name!r}")
+                                         for name, table in dependencies.items()})
         spec.canonical()  # validates the defense name and parameters now
         runs.append(spec)
 

@@ -48,6 +48,7 @@ class Pretrained:
     trainer: Callable[..., TrainResult] = field(kw_only=True)  # bench.engine.trainer.train (which builds a Pretrained)
     asker: str = ""
     declared: tuple[str, ...] | None = None  # the asker's `pretrained_defenses` (None: anything)
+    dependency_train: dict[str, TrainConfig] = field(default_factory=dict)  # by defense: in place of `train`
 
     def asked_by(self, asker: str, declared: tuple[str, ...]) -> "Pretrained":
         """This source for `asker` ("defense 'tgcl'"), which may ask only for the `declared` defenses."""
@@ -62,11 +63,13 @@ class Pretrained:
 
     def spec(self, defense: str = "natural", *, model: str | None = None, model_params: dict | None = None,
              train: dict | None = None, defense_params: dict | None = None, seed: int | None = None) -> RunSpec:
-        """The run a call with these arguments trains. `train` overrides fields of the asking
-        run's training config; `model_params` apply to `model` (default: the asking run's)."""
-        if self.train is None and not train:
+        """The run a call with these arguments trains. `train` overrides fields of the training
+        config the asking run gives `defense` (`dependency_train`), or else of its own;
+        `model_params` apply to `model` (default: the asking run's)."""
+        own = self.dependency_train.get(defense, self.train)
+        if own is None and not train:
             raise BenchError(f"a pretrained {defense!r} model needs a training config here (give `train`)")
-        base = dataclasses.asdict(self.train) if self.train is not None else dataclasses.asdict(TrainConfig())
+        base = dataclasses.asdict(own if own is not None else TrainConfig())
         return RunSpec(defense=defense, dataset=self.data.name, model=model or self.model,
                        threat=self.threat, train=build_train_config({**base, **(train or {})}, f"pretrained {defense!r}"),
                        defense_params=dict(defense_params or {}),

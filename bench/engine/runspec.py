@@ -17,6 +17,7 @@ from bench import adversary
 from bench.core.config import build_config, require, require_choice
 from bench.core.data import dataset_options
 from bench.core.defense import DEFENSES
+from bench.core.errors import BenchError
 from bench.core.models import model_params
 from bench.core.threat import ThreatModel
 
@@ -54,7 +55,12 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """Everything that identifies a training run (its hash is the run id), plus a display label."""
+    """Everything that identifies a training run (its hash is the run id), plus a display label.
+
+    `pretrained_train` gives, by defense name, the training config of the runs the defense asks
+    `ctx.pretrained` for, in place of this run's own (e.g. TAT-DRA's natural start trained with the
+    natural recipe, not with TAT's fine-tuning config); a name must be one of the defense's
+    `pretrained_defenses`. It is part of the identity, left out of the canonical form when empty."""
 
     defense: str
     dataset: str
@@ -66,13 +72,20 @@ class RunSpec:
     dataset_options: dict = field(default_factory=dict)
     seed: int = 0
     label: str = ""
+    pretrained_train: dict[str, TrainConfig] = field(default_factory=dict)
 
     def canonical(self) -> dict:
         """The config with every default filled in, and the revisions of the defense (with those
         of the runs it trains on demand), of the adversary library and of the training loop."""
         cls = DEFENSES.get(self.defense)
         defense = cls(**self.defense_params)
-        return {"defense": self.defense, "defense_params": defense.params(), "dataset": self.dataset,
+        for name in self.pretrained_train:
+            if name not in cls.pretrained_defenses:
+                raise BenchError(f"defense {self.defense!r} trains no pretrained {name!r} run; it can be given the "
+                                 f"training config of: {', '.join(cls.pretrained_defenses) or 'none'}")
+        dependencies = {"pretrained_train": {name: dataclasses.asdict(cfg) for name, cfg in
+                                             sorted(self.pretrained_train.items())}} if self.pretrained_train else {}
+        return {**dependencies, "defense": self.defense, "defense_params": defense.params(), "dataset": self.dataset,
                 "dataset_options": dataset_options(self.dataset, self.dataset_options), "model": self.model,
                 "model_params": model_params(self.model, self.model_params),
                 "norm": self.threat.norm, "eps": self.threat.eps, "train": dataclasses.asdict(self.train),

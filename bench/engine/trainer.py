@@ -88,7 +88,8 @@ def train(spec: RunSpec, data: Dataset, *, store: Store, checkpoint_root: str | 
                        epochs=cfg.epochs, device=device,
                        optimizer=optimizer, steps_per_epoch=steps_per_epoch,
                        pretrained=Pretrained(data, store, Path(checkpoint_root), device, spec.threat, spec.model,
-                                             spec.model_params, cfg, spec.seed, progress, trainer=train)
+                                             spec.model_params, cfg, spec.seed, progress, trainer=train,
+                                             dependency_train=spec.pretrained_train)
                        .asked_by(f"defense {spec.defense!r}", defense.pretrained_defenses))
     defense.setup(model, ctx)
 
