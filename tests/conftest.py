@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
+import uuid
 
 import pytest
 import torch
@@ -161,3 +163,37 @@ def registered():
             return registry.register(name)(obj)
 
         yield register
+
+
+POSTGRES = os.environ.get("ATBENCH_TEST_POSTGRES")  # an admin URL of a real server (.ci/run starts one)
+
+
+@contextlib.contextmanager
+def postgres_database():
+    """A fresh PostgreSQL database on the ATBENCH_TEST_POSTGRES server, dropped afterwards; yields its URL."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    admin = create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
+    name = f"atbench_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as con:
+        con.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(POSTGRES).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as con:
+            con.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """A new, empty database of each backend: a SQLite file, and a PostgreSQL database on the server
+    ATBENCH_TEST_POSTGRES names (CI starts one; without it the PostgreSQL half is skipped)."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "results.db")
+        return
+    if not POSTGRES:
+        pytest.skip("set ATBENCH_TEST_POSTGRES to a PostgreSQL admin URL (.ci/run does) to test that backend")
+    with postgres_database() as url:
+        yield url

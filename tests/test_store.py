@@ -58,7 +58,14 @@ def _columns(row) -> dict:
 
 
 @pytest.fixture
-def db(tmp_path, monkeypatch):
+def db(db_url, tmp_path, monkeypatch):
+    """A new database of each backend (SQLite file, PostgreSQL; see conftest.db_url)."""
+    monkeypatch.chdir(tmp_path)
+    return db_url
+
+
+@pytest.fixture
+def sqlite_db(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     return str(tmp_path / "results.db")
 
@@ -90,7 +97,7 @@ def test_round_trip_through_the_file(db):
 
     # a second Store over the same file (a new process would see the same)
     again = Store(db)
-    assert again.url == store.url == f"sqlite:///{db}"
+    assert again.url == store.url == (db if "://" in db else f"sqlite:///{db}")
     with again.session() as s:
         run = s.get(Run, "run-1")
         got = _columns(run)
@@ -221,15 +228,15 @@ def test_foreign_keys_are_enforced(db):
     assert _count(store, TrainEpoch.__table__) == 0
 
 
-def test_schema_revision_is_recorded(db):
-    Store(db)
-    with sqlite3.connect(db) as con:
+def test_schema_revision_is_recorded(sqlite_db):
+    Store(sqlite_db)
+    with sqlite3.connect(sqlite_db) as con:
         assert con.execute("select version_num from alembic_version").fetchall() == [(head_revision(),)]
         tables = {r[0] for r in con.execute("select name from sqlite_master where type = 'table'")}
     assert {"runs", "train_epochs", "checkpoints", "run_checkpoints", "evaluations", "sample_results", "curves",
             "curve_points", "sanity_checks", "jobs", "job_dependencies", "alembic_version"} == tables
-    Store(db)  # reopening neither adds a row nor migrates
-    with sqlite3.connect(db) as con:
+    Store(sqlite_db)  # reopening neither adds a row nor migrates
+    with sqlite3.connect(sqlite_db) as con:
         assert con.execute("select version_num from alembic_version").fetchall() == [(head_revision(),)]
 
 
@@ -356,23 +363,23 @@ def test_sqlalchemy_url_form(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("via_url.db")) == []
 
 
-def test_a_newer_schema_is_a_bench_error_and_left_alone(db):
-    Store(db)
-    with sqlite3.connect(db) as con:
+def test_a_newer_schema_is_a_bench_error_and_left_alone(sqlite_db):
+    Store(sqlite_db)
+    with sqlite3.connect(sqlite_db) as con:
         con.execute("update alembic_version set version_num = '9999'")
     with pytest.raises(BenchError, match="schema revision 9999, which this atbench does not know"):
-        Store(db)
-    with sqlite3.connect(db) as con:  # and it did not "fix" the recorded revision
+        Store(sqlite_db)
+    with sqlite3.connect(sqlite_db) as con:  # and it did not "fix" the recorded revision
         assert con.execute("select version_num from alembic_version").fetchall() == [("9999",)]
 
 
-def test_a_database_that_is_not_ours_is_refused_and_left_alone(db):
-    with sqlite3.connect(db) as con:
+def test_a_database_that_is_not_ours_is_refused_and_left_alone(sqlite_db):
+    with sqlite3.connect(sqlite_db) as con:
         con.execute("create table runs (id integer primary key, name text)")
-    before = Path(db).read_bytes()
+    before = Path(sqlite_db).read_bytes()
     with pytest.raises(BenchError, match="is not an atbench results store"):
-        Store(db)
-    assert Path(db).read_bytes() == before
+        Store(sqlite_db)
+    assert Path(sqlite_db).read_bytes() == before
 
 
 def test_unopenable_database_is_a_bench_error(tmp_path, monkeypatch):

@@ -47,6 +47,24 @@ def count(minimum: int):
     return parse
 
 
+def _workers(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=count(1), default=1,
+                   help="worker processes (default 1; on a GPU box `--workers N` takes one GPU each)")
+    p.add_argument("--threads", type=count(1), default=None,
+                   help="intra-op CPU threads per worker (default: the cores divided among local workers); results "
+                        "are bit-identical across worker counts for the same --threads")
+    p.add_argument("--backend", default="local", choices=["local", "ray", "slurm"],
+                   help="where the workers run: local processes, Ray tasks, or a Slurm array (submitit)")
+    p.add_argument("--lease", type=float, default=60.0, help="seconds a job stays claimed without a heartbeat")
+    p.add_argument("--ray-address", default=None, help="a Ray cluster's address (default: a local Ray)")
+    p.add_argument("--gpus-per-worker", type=float, default=1.0, help="Ray: GPUs per worker task (fractions share a GPU)")
+    p.add_argument("--slurm-partition", default=None)
+    p.add_argument("--slurm-time", type=count(1), default=24 * 60, help="Slurm time limit per worker, minutes")
+    p.add_argument("--slurm-account", default=None)
+    p.add_argument("--slurm-gres", default="gpu:1")
+    p.add_argument("--slurm-folder", default="slurm_logs", help="submitit's folder for job files and logs")
+
+
 def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--db", default="results.db", help="SQLite file or SQLAlchemy URL (default: results.db)")
     if data:
@@ -105,11 +123,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoints", default="checkpoints", help="where runs an attack needs (a surrogate) are kept")
     _common(p)
 
-    p = sub.add_parser("run", help="train and evaluate a suite, then render the report")
+    p = sub.add_parser("run", help="train and evaluate a suite (its job graph, with 1 or more workers), then render the report")
     p.add_argument("--suite", required=True, help="suite TOML file, e.g. suites/demo.toml")
-    p.add_argument("--checkpoints", default="checkpoints")
+    p.add_argument("--checkpoints", default="checkpoints", help="checkpoint root, shared by every worker (default: checkpoints)")
     p.add_argument("--reports", default="reports", help="report folder (default: reports)")
     p.add_argument("--no-report", action="store_true")
+    _workers(p)
+    _common(p)
+
+    p = sub.add_parser("plan", help="print a suite's jobs, their dependencies and states")
+    p.add_argument("--suite", required=True)
+    p.add_argument("--checkpoints", default="checkpoints")
+    p.add_argument("--reports", default="reports")
+    p.add_argument("--no-report", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object per job, for tools")
+    p.add_argument("--db", default="results.db", help="SQLite file or SQLAlchemy URL (default: results.db)")
+    p.add_argument("--data-dir", default=None, help="folder holding dataset files (offline use)")
+
+    p = sub.add_parser("worker", help="run jobs from the store until none is left (start any number, on any host)")
+    p.add_argument("--checkpoints", default="checkpoints", help="checkpoint root (a shared filesystem across hosts)")
+    p.add_argument("--threads", type=count(1), default=None, help="intra-op CPU threads (default: torch's)")
+    p.add_argument("--lease", type=float, default=60.0, help="seconds a job stays claimed without a heartbeat (default: 60)")
     _common(p)
 
     p = sub.add_parser("perf", help="benchmarks that print figures")
@@ -204,25 +238,83 @@ def cmd_eval(args) -> None:
                 print(f"  {row.status.upper():<4} {row.name}: {row.summary}")
 
 
+def _options(args, device: torch.device):
+    from bench.app.runner import Options
+
+    return Options(db=args.db, checkpoint_root=args.checkpoints, device=str(device), data_dir=args.data_dir,
+                   workers=args.workers, threads=args.threads, backend=args.backend, lease_seconds=args.lease,
+                   ray_address=args.ray_address, gpus_per_worker=args.gpus_per_worker,
+                   slurm={"partition": args.slurm_partition, "time": args.slurm_time, "account": args.slurm_account,
+                          "gres": args.slurm_gres, "folder": args.slurm_folder})
+
+
 def cmd_run(args) -> None:
-    from bench.app.report import render_report
-    from bench.app.suite import load_suite, load_suite_data, run_suite
+    from bench.app.runner import execute, prepare
+    from bench.app.suite import load_suite, load_suite_data
     from bench.store import Store
 
     suite = load_suite(args.suite)
     device = _device(args.device)
     data = load_suite_data(suite, args.data_dir)
     store = Store(args.db)  # opened only once the input is known to be good
-    summary = run_suite(suite, data, store=store, checkpoint_root=args.checkpoints, device=device, force=args.force)
-    if summary.did_work:
-        print(f"[{suite.name}] trained {summary.trained} run(s), ran {summary.evaluated} evaluation(s); "
-              f"{summary.runs_cached} run(s) and {summary.evaluations_cached} evaluation(s) were already stored")
-    else:
-        print(f"[{suite.name}] nothing to do: all {summary.runs_cached} runs and {summary.evaluations_cached} "
-              f"evaluations are already in {args.db} (use --force to redo them)")
-    if not args.no_report:
-        index = render_report(store, args.reports)
-        print(f"report: {Path(index).resolve()}")
+    options = _options(args, device)
+    reports = None if args.no_report else str(Path(args.reports).resolve())
+    among = prepare(suite, data, store, options, reports, args.force)
+    outcome = execute(store, among, options)
+    work = {kind: n for kind, n in outcome.ran.items() if kind != "report"}
+    if work:
+        print(f"[{suite.name}] trained {work.get('train', 0)} run(s), ran {sum(work.values()) - work.get('train', 0)} "
+              f"evaluation job(s) (attacks, curves, checks, plants); {outcome.done_before} of {outcome.jobs} jobs were "
+              "already done")
+    elif not outcome.failed:
+        print(f"[{suite.name}] nothing to do: all {outcome.jobs - (reports is not None)} jobs are already done in "
+              f"{args.db} (use --force to redo them)")
+    for key, error in outcome.failed:
+        print(f"[{suite.name}] FAILED {key}: {error}")
+    if outcome.failed or outcome.blocked:
+        raise BenchError(f"{len(outcome.failed)} job(s) failed and {outcome.blocked} could not run because of them "
+                         f"(see above; `bench plan --suite {args.suite}` shows them); fix the cause and run again")
+    if reports is not None:
+        print(f"report: {Path(reports) / 'index.html'}")
+
+
+def cmd_plan(args) -> None:
+    import json
+
+    from bench.app.plan import describe
+    from bench.app.runner import Options, prepare
+    from bench.app.suite import load_suite, load_suite_data
+    from bench.store import Store
+
+    suite = load_suite(args.suite)
+    data = load_suite_data(suite, args.data_dir)
+    store = Store(args.db)
+    options = Options(db=args.db, checkpoint_root=args.checkpoints, data_dir=args.data_dir)
+    among = prepare(suite, data, store, options, None if args.no_report else str(Path(args.reports).resolve()), False)
+    jobs = store.jobs(among)
+    keys = {job.job_id: job.key for job in jobs}
+    states = {job.job_id: job.state for job in jobs}
+    for job in jobs:
+        state = job.state
+        if state == "pending" and any(states.get(d) == "failed" for d in job.depends):
+            state = "blocked"
+        if args.json:
+            print(json.dumps({"key": job.key, "kind": job.kind, "state": state, "depends_on": [keys[d] for d in job.depends],
+                              "attempts": job.attempts, "error": job.error, "what": describe(job)}))
+        else:
+            print(f"{job.kind:<9} {state:<8} {describe(job)}  [{job.key}]"
+                  + (f"  after {len(job.depends)}" if job.depends else "") + (f"  error: {job.error}" if job.error else ""))
+    if not args.json:
+        counts = {s: sum(st == s for st in states.values()) for s in ("done", "pending", "running", "failed")}
+        print(f"{len(jobs)} jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+
+
+def cmd_worker(args) -> None:
+    from bench.app.worker import work
+
+    ran = work(args.db, args.checkpoints, str(_device(args.device)), threads=args.threads, data_dir=args.data_dir,
+               lease_seconds=args.lease)
+    print(f"worker: ran {ran} job(s); none left")
 
 
 def cmd_report(args) -> None:
@@ -248,8 +340,8 @@ def cmd_perf(args) -> None:
               names=args.attack or DEFAULT_ATTACKS, repeats=args.repeats, device=device)
 
 
-COMMANDS = {"list": cmd_list, "train": cmd_train, "eval": cmd_eval, "run": cmd_run, "perf": cmd_perf,
-            "report": cmd_report}
+COMMANDS = {"list": cmd_list, "train": cmd_train, "eval": cmd_eval, "run": cmd_run, "plan": cmd_plan,
+            "worker": cmd_worker, "perf": cmd_perf, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

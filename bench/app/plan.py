@@ -38,7 +38,8 @@ def run_payload(spec: RunSpec) -> dict:
     return {"defense": spec.defense, "dataset": spec.dataset, "dataset_options": dict(spec.dataset_options),
             "model": spec.model, "model_params": dict(spec.model_params), "norm": spec.threat.norm,
             "eps": spec.threat.eps, "train": asdict(spec.train), "defense_params": dict(spec.defense_params),
-            "seed": spec.seed, "label": spec.label}
+            "seed": spec.seed, "label": spec.label,
+            "pretrained_train": {name: asdict(cfg) for name, cfg in spec.pretrained_train.items()}}
 
 
 def run_spec(payload: dict) -> RunSpec:
@@ -47,7 +48,9 @@ def run_spec(payload: dict) -> RunSpec:
                    threat=ThreatModel(payload["norm"], payload["eps"]),
                    train=build_train_config(payload["train"], f"run {payload['label'] or payload['defense']!r}"),
                    defense_params=payload["defense_params"], model_params=payload["model_params"],
-                   dataset_options=payload["dataset_options"], seed=payload["seed"], label=payload["label"])
+                   dataset_options=payload["dataset_options"], seed=payload["seed"], label=payload["label"],
+                   pretrained_train={name: build_train_config(cfg, f"pretrained {name!r}")
+                                     for name, cfg in payload["pretrained_train"].items()})
 
 
 def _digest(obj) -> str:
@@ -67,9 +70,10 @@ class _Recorder(Pretrained):
 
 
 def _recorder(data: Dataset, threat: ThreatModel, model: str, model_params: dict, train, seed: int,
-              asker: str, declared) -> _Recorder:
+              asker: str, declared, dependency_train=None) -> _Recorder:
     recorder = _Recorder(data, None, None, torch.device("cpu"), threat, model, dict(model_params), train, seed,
-                         progress=False, trainer=None).asked_by(asker, declared)
+                         progress=False, trainer=None, dependency_train=dict(dependency_train or {})
+                         ).asked_by(asker, declared)
     recorder.asked = []
     return recorder
 
@@ -80,7 +84,7 @@ def pretrained_runs_of_defense(spec: RunSpec, data: Dataset) -> list[RunSpec]:
     if not defense.pretrained_defenses:
         return []
     recorder = _recorder(data, spec.threat, spec.model, spec.model_params, spec.train, spec.seed,
-                         f"defense {spec.defense!r}", defense.pretrained_defenses)
+                         f"defense {spec.defense!r}", defense.pretrained_defenses, spec.pretrained_train)
     torch.manual_seed(spec.seed)
     model = build_model(spec.model, num_classes=data.num_classes, input_shape=data.input_shape, mean=data.mean,
                         std=data.std, **spec.model_params)
@@ -106,7 +110,11 @@ def pretrained_runs_of_attack(attack_spec: AttackSpec, run: RunSpec, data: Datas
 
 def plan_suite(suite: Suite, data: Dataset, reports: str | None = None) -> list[JobSpec]:
     """Every job of the suite, dependencies first; `reports`: the folder a final report job renders
-    into (None: no report job)."""
+    into (None: no report job). Every threat model is checked against the data first."""
+    for spec in suite.runs:
+        spec.threat.check_for(data.input_shape)
+    for attack in suite.attacks:
+        attack.build().threat.check_for(data.input_shape)
     jobs: dict[str, JobSpec] = {}
 
     def train_job(spec: RunSpec) -> str:

@@ -28,21 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import tomllib
-import torch
 
 from bench.core.config import build_config, require, require_choice
 from bench.core.data import Dataset, load_dataset
 from bench.core.errors import BenchError
 from bench.core.planted import PLANTS
 from bench.core.threat import ThreatModel, parse_eps
-from bench.engine.checkpoint import load_model, plant, sha256_file
 from bench.engine.curves import CurveSettings
 from bench.engine.evaluation import AttackSpec
-from bench.engine.provenance import provenance
 from bench.engine.runspec import RunSpec, build_train_config
-from bench.engine.stage import evaluate_checkpoint
-from bench.engine.trainer import train
-from bench.store import Store
 
 TOP_KEYS = ("name", "description", "dataset", "dataset_options", "seed", "threat", "model", "training",
             "evaluation", "curves", "defenses", "attacks", "planted")
@@ -200,64 +194,5 @@ def parse_suite(doc: dict[str, Any], path: Path) -> Suite:
                  threat=threat, runs=runs, attacks=attacks, evaluation=settings, curves=curves, planted=planted)
 
 
-@dataclass
-class SuiteSummary:
-    trained: int = 0
-    runs_cached: int = 0
-    evaluated: int = 0
-    evaluations_cached: int = 0
-
-    @property
-    def did_work(self) -> bool:
-        return bool(self.trained or self.evaluated)
-
-
 def load_suite_data(suite: Suite, data_dir: str | None = None) -> Dataset:
     return load_dataset(suite.dataset, data_dir=data_dir, **suite.dataset_options)
-
-
-def run_suite(suite: Suite, data: Dataset, *, store: Store, checkpoint_root: str | Path = "checkpoints",
-              device: torch.device | str = "cpu", force: bool = False, progress: bool = True) -> SuiteSummary:
-    """Train every defense of the suite (resuming or skipping finished runs), then evaluate
-    each requested checkpoint with every attack (skipping stored evaluations); then the planted ones."""
-    summary = SuiteSummary()
-    directories = {}
-    for spec in suite.runs:
-        print(f"[{suite.name}] {spec.label}: train {spec.defense} ({spec.model}, {spec.train.epochs} epochs, "
-              f"{spec.threat}) run {spec.run_id}", flush=True)
-        result = train(spec, data, store=store, checkpoint_root=checkpoint_root, device=device, force=force,
-                       progress=progress)
-        directories[spec.label] = (spec.run_id, result.directory)
-        if result.trained_now:
-            summary.trained += 1
-        else:
-            summary.runs_cached += 1
-            print("  already trained: skipped", flush=True)
-        for kind in suite.evaluation.checkpoints:
-            print(f"[{suite.name}] {spec.label}: evaluate {kind}.pt", flush=True)
-            _evaluate(suite, data, store, result.directory / f"{kind}.pt", summary, device, force, checkpoint_root,
-                      curves=suite.curves is not None and kind in suite.curves.checkpoints)
-    for p in suite.planted:
-        run_id, directory = directories[p.source]
-        path = directory / f"planted-{p.kind}.pt"
-        print(f"[{suite.name}] {p.label}: {p.source}'s {p.checkpoint}.pt planted with {p.kind}", flush=True)
-        if force or not path.exists():
-            plant(directory / f"{p.checkpoint}.pt", p.kind, path)
-        store.register_checkpoint(sha256_file(path), str(path),
-                                  provenance(torch.device(device), {"plant": p.kind, "from": p.checkpoint}, 0),
-                                  run_id=run_id, epoch=load_model(path)[1]["epoch"], kind=f"planted-{p.kind}")
-        _evaluate(suite, data, store, path, summary, device, force, checkpoint_root, curves=suite.curves is not None)
-    return summary
-
-
-def _evaluate(suite: Suite, data: Dataset, store: Store, path: Path, summary: SuiteSummary, device, force: bool,
-              checkpoint_root, curves: bool) -> None:
-    report = evaluate_checkpoint(store, path, data, suite.attacks, n_samples=suite.evaluation.n_samples,
-                                 seed=suite.evaluation.seed, batch_size=suite.evaluation.batch_size,
-                                 device=device, force=force, curves=suite.curves if curves else None,
-                                 sanity=suite.evaluation.sanity, checkpoint_root=checkpoint_root)
-    summary.evaluated += report.computed
-    summary.evaluations_cached += sum(o.cached for o in report.outcomes)
-    if report.computed == 0:
-        print(f"  all {len(report.outcomes)} evaluations already stored: skipped", flush=True)
-

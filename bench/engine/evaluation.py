@@ -109,6 +109,11 @@ def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def sample_digest(data: Dataset, indices: Sequence[int]) -> str:
+    """The identity of a sample set: the dataset, its options and the test indices."""
+    return digest([data.name, data.options, list(indices)])
+
+
 def run_attack(model: nn.Module, attack: Attack | None, x: torch.Tensor, y: torch.Tensor,
                batch_size: int, seed: int | None = None) -> AttackResult:
     """Per-sample results under `attack` (None: clean), with the attack's forward/backward passes
@@ -214,7 +219,7 @@ class Evaluator:
     def samples(self, n_samples: int | None) -> SampleSet:
         indices = eval_indices(len(self.data.test_x), n_samples)
         idx = torch.tensor(indices, dtype=torch.long)
-        return SampleSet(indices, digest([self.data.name, self.data.options, indices]),
+        return SampleSet(indices, sample_digest(self.data, indices),
                          self.data.test_x[idx].to(self.device), self.data.test_y[idx].to(self.device))
 
     @staticmethod

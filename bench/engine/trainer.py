@@ -209,12 +209,27 @@ def _check_resumable(spec: RunSpec, saved: dict, sources: dict, directory: Path,
     if changed and log:
         print(f"  warning: {name}: the code of its {', '.join(changed)} changed since it was trained, under the same "
               "revisions; its results are kept (bump the revision if they can change)", flush=True)
-    for kind, digest in (saved.get("files") or {}).items() if complete else ():
+    if complete:
+        _check_files(saved, directory)
+
+
+def _check_files(saved: dict, directory: Path) -> None:
+    for kind, digest in (saved.get("files") or {}).items():
         path = directory / f"{kind}.pt"
         actual = sha256_file(path) if path.exists() else "missing"
         if actual != digest:
             raise BenchError(f"{path} has sha256 {actual[:16]}, but training wrote {digest[:16]}: the file changed "
                              "after training; restore it, or retrain the run with --force")
+
+
+def verify_checkpoints(spec: RunSpec, checkpoint_root: str | Path) -> None:
+    """BenchError when a complete run's best.pt or last.pt is not the file its training wrote (a
+    check before any work; a run not trained yet, or still training, passes)."""
+    state_path = Path(checkpoint_root) / spec.run_id / "state.pt"
+    if state_path.exists():
+        saved = safe_load(state_path, STATE_FORMAT)
+        if saved["progress"]["epoch"] >= spec.train.epochs:
+            _check_files(saved, state_path.parent)
 
 
 def _sync_store(store: Store, spec: RunSpec, run_id: str, state: dict, directory: Path, prov: dict) -> None:

@@ -347,6 +347,12 @@ class Store:
             return {c.name: [(p.x, p.evaluation_id) for p in c.points] for c in s.scalars(select(Curve).where(
                 Curve.checkpoint_id == checkpoint_id, Curve.seed == seed, Curve.indices_hash == widest))}
 
+    def curves_on(self, checkpoint_id: int, indices_hash: str, seed: int) -> dict[str, list[tuple[float, int]]]:
+        """{curve name: [(x, evaluation id)]} of the checkpoint on one sample set and seed."""
+        with self.session() as s:
+            return {c.name: [(p.x, p.evaluation_id) for p in c.points] for c in s.scalars(select(Curve).where(
+                Curve.checkpoint_id == checkpoint_id, Curve.seed == seed, Curve.indices_hash == indices_hash))}
+
     # ------------------------------------------------------------------ sanity checks
 
     def stored_checks(self, checkpoint_id: int, threat: str) -> list[SanityCheck]:
@@ -442,6 +448,23 @@ class Store:
             job.state, job.error, job.lease_owner, job.lease_expires = state, error, None, None
             if state != "pending":
                 job.finished_at, job.did_work, job.force = utcnow(), did_work, False
+
+    def runnable_jobs_left(self, among: Sequence[int] | None = None) -> bool:
+        """Whether any job (of `among`) is running or may still run: pending and not waiting, at
+        any depth, on a failed one."""
+        jobs = {job.job_id: job for job in self.jobs(among)}
+        states = {job.job_id: job.state for job in self.jobs()} if among is not None else \
+            {i: job.state for i, job in jobs.items()}
+        blocked: dict[int, bool] = {}
+
+        def is_blocked(job_id: int) -> bool:
+            if job_id not in blocked:
+                job = jobs.get(job_id)
+                deps = job.depends if job is not None else []
+                blocked[job_id] = states.get(job_id) == "failed" or any(is_blocked(d) for d in deps)
+            return blocked[job_id]
+
+        return any(job.state == "running" or (job.state == "pending" and not is_blocked(i)) for i, job in jobs.items())
 
     def jobs(self, among: Sequence[int] | None = None) -> list[Job]:
         """The jobs (these ids, or all) in the order they were added, each with its dependency ids
