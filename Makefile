@@ -10,7 +10,7 @@ DB ?= results.db
 DATA_DIR ?=
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test demo bench report clean
+.PHONY: install test test-slow demo bench report clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ install: $(STAMP)
 
 test: install
 	$(PY) -m pytest -q
+
+# The long tests, Ray's and submitit's local modes among them (CI runs them too).
+test-slow: install
+	$(PY) -m pip install -q '.[ray]'
+	$(PY) -m pytest -q -m slow
 
 demo: install
 	$(PY) -m bench run --suite suites/demo.toml --db $(DB)

@@ -13,8 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from bench.store import JobSpec, Store
 
 TINY = (Path(__file__).resolve().parent / "suites" / "tiny.toml").resolve()
