@@ -170,7 +170,8 @@ def test_a_narrower_eval_never_downgrades_the_suite_checks(tmp_path, monkeypatch
     def checks(ckpt):
         with sqlite3.connect(tmp_path / "results.db") as con:
             return dict(con.execute("select s.name, s.status from sanity_checks s join checkpoints c on "
-                                    "c.checkpoint_id = s.checkpoint_id where c.path like ?", (f"%{ckpt}",)).fetchall())
+                                    "c.checkpoint_id = s.checkpoint_id where c.sha256 = ?",
+                                    (hashlib.sha256((tmp_path / ckpt).read_bytes()).hexdigest(),)).fetchall())
 
     run_dir = sorted((tmp_path / "checkpoints").iterdir())[1]
     ckpt = str((run_dir / "best.pt").relative_to(tmp_path))

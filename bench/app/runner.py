@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,6 @@ from bench.core.data import Dataset
 from bench.core.errors import BenchError
 from bench.engine.trainer import verify_checkpoints
 from bench.store import Store
-from bench.store.schema import utcnow
 
 BACKENDS = ("local", "ray", "slurm")
 
@@ -85,34 +85,38 @@ def execute(store: Store, among: list[int], options: Options, progress: bool = T
     if options.backend not in BACKENDS:
         raise BenchError(f"unknown backend {options.backend!r}; accepted: {', '.join(BACKENDS)}")
     before = store.jobs(among)
-    started = utcnow()
+    tag = f"run-{uuid.uuid4().hex[:8]}:"  # the owner names of this run's workers start with it
     if options.backend == "local" and options.workers == 1:
         if options.threads is not None:
             torch.set_num_threads(options.threads)
-        Worker(store, Path(options.checkpoint_root), torch.device(options.device), options.data_dir, progress,
-               options.lease_seconds).run(among)
+        worker = Worker(store, Path(options.checkpoint_root), torch.device(options.device), options.data_dir, progress,
+                        options.lease_seconds)
+        worker.owner = tag + worker.owner
+        worker.run(among)
     elif options.backend == "local":
-        _local_pool(among, options, progress)
+        _local_pool(among, options, progress, tag)
     elif options.backend == "ray":
-        _ray(among, options, progress)
+        _ray(among, options, progress, tag)
     else:
-        _slurm(among, options, progress)
+        _slurm(among, options, progress, tag)
     after = store.jobs(among)
     ran: dict[str, int] = {}
     for job in after:
-        if job.did_work and job.finished_at is not None and job.finished_at >= started:
+        if job.did_work and (job.done_by or "").startswith(tag):
             ran[job.kind] = ran.get(job.kind, 0) + 1
     failed = [(job.key, job.error or "") for job in after if job.state == "failed"]
     return Outcome(len(after), sum(job.state == "done" for job in before), ran, failed,
                    sum(job.state == "pending" for job in after))
 
 
-def _worker_args(among: list[int], options: Options, progress: bool, threads: int | None, device: str) -> tuple:
+def _worker_args(among: list[int], options: Options, progress: bool, threads: int | None, device: str,
+                 tag: str) -> tuple:
     return (options.db, options.checkpoint_root, device), dict(
-        among=among, threads=threads, data_dir=options.data_dir, lease_seconds=options.lease_seconds, progress=progress)
+        among=among, threads=threads, data_dir=options.data_dir, lease_seconds=options.lease_seconds, progress=progress,
+        tag=tag)
 
 
-def _local_pool(among: list[int], options: Options, progress: bool) -> None:
+def _local_pool(among: list[int], options: Options, progress: bool, tag: str) -> None:
     """N worker processes; on CUDA worker i uses GPU i mod the device count, on CPU each gets
     `threads` (default: the cores divided among them, at least 1)."""
     gpus = torch.cuda.device_count() if options.device.startswith("cuda") else 0
@@ -121,7 +125,7 @@ def _local_pool(among: list[int], options: Options, progress: bool) -> None:
     processes = []
     for i in range(options.workers):
         device = f"cuda:{i % gpus}" if gpus else options.device
-        args, kwargs = _worker_args(among, options, progress, threads, device)
+        args, kwargs = _worker_args(among, options, progress, threads, device, tag)
         processes.append(context.Process(target=_process_main, args=(args, kwargs), daemon=False))
     for p in processes:
         p.start()
@@ -133,7 +137,7 @@ def _process_main(args, kwargs) -> None:
     work(*args, **kwargs)
 
 
-def _ray(among: list[int], options: Options, progress: bool) -> None:
+def _ray(among: list[int], options: Options, progress: bool, tag: str) -> None:
     try:
         import ray
     except ImportError:
@@ -143,7 +147,7 @@ def _ray(among: list[int], options: Options, progress: bool) -> None:
     gpus = options.gpus_per_worker if options.device.startswith("cuda") else 0
     remote = ray.remote(num_gpus=gpus, num_cpus=1, max_retries=0)(_ray_main)
     args, kwargs = _worker_args(among, options, progress, options.threads or 1,
-                                "cuda" if options.device.startswith("cuda") else options.device)
+                                "cuda" if options.device.startswith("cuda") else options.device, tag)
     try:
         ray.get([remote.remote(args, kwargs) for _ in range(options.workers)])
     finally:
@@ -155,7 +159,7 @@ def _ray_main(args, kwargs) -> int:
     return work(*args, **kwargs)
 
 
-def _slurm(among: list[int], options: Options, progress: bool) -> None:
+def _slurm(among: list[int], options: Options, progress: bool, tag: str) -> None:
     try:
         import submitit
     except ImportError:
@@ -173,7 +177,7 @@ def _slurm(among: list[int], options: Options, progress: bool) -> None:
         parameters = {"timeout_min": parameters["timeout_min"]}
     executor.update_parameters(**parameters)
     args, kwargs = _worker_args(among, options, progress, options.threads or 1,
-                                "cuda" if options.device.startswith("cuda") else options.device)
+                                "cuda" if options.device.startswith("cuda") else options.device, tag)
     jobs = executor.map_array(_slurm_main, [args] * options.workers, [kwargs] * options.workers)
     for job in jobs:
         job.result()

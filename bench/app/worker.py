@@ -31,7 +31,7 @@ from bench.core.data import Dataset, eval_indices, load_dataset
 from bench.core.errors import BenchError
 from bench.core.planted import PLANTS
 from bench.core.threat import ThreatModel
-from bench.engine.checkpoint import load_model, plant, sha256_file
+from bench.engine.checkpoint import load_model, plant, sha256_file, stored_path
 from bench.engine.curves import CurveSettings, compute_curves
 from bench.engine.evaluation import CLEAN, AttackSpec, Evaluator, sample_digest
 from bench.engine.provenance import provenance
@@ -149,7 +149,7 @@ def _plant(w: Worker, job: Job) -> bool:
     planted_now = job.force or not path.exists()
     if planted_now:
         plant(source, p["plant"], path)
-    w.store.register_checkpoint(sha256_file(path), str(path), provenance(w.device, {"plant": p["plant"], "from": p["from"]}, 0),
+    w.store.register_checkpoint(sha256_file(path), stored_path(path, w.checkpoint_root), provenance(w.device, {"plant": p["plant"], "from": p["from"]}, 0),
                                 run_id=p["run_id"], epoch=load_model(path)[1]["epoch"], kind=f"planted-{p['plant']}")
     return planted_now
 
@@ -257,10 +257,12 @@ def mark_stored_jobs_done(w: Worker, jobs: Sequence[Job]) -> int:
 
 
 def work(db: str, checkpoint_root: str, device: str, *, among: Sequence[int] | None = None, threads: int | None = None,
-         data_dir: str | None = None, lease_seconds: float = LEASE_SECONDS, progress: bool = True) -> int:
+         data_dir: str | None = None, lease_seconds: float = LEASE_SECONDS, progress: bool = True, tag: str = "") -> int:
     """One worker process (what `bench worker`, the local pool, Ray tasks and Slurm array jobs run):
-    its own store connection, `threads` intra-op threads; returns how many jobs it ran."""
+    its own store connection, `threads` intra-op threads, an owner name starting with `tag`;
+    returns how many jobs it ran."""
     if threads is not None:
         torch.set_num_threads(threads)
     worker = Worker(Store(db), Path(checkpoint_root), torch.device(device), data_dir, progress, lease_seconds)
+    worker.owner = tag + worker.owner
     return worker.run(among)

@@ -64,6 +64,13 @@ def check_writable(folder: str | Path) -> None:
         raise BenchError(f"cannot write checkpoints into {str(folder)!r}: {exc.strerror or exc}") from None
 
 
+def stored_path(path: str | Path, checkpoint_root: str | Path) -> str:
+    """How the store records a checkpoint's location: relative to the checkpoint root when it lies
+    under it (so workers on other hosts, with the root mounted elsewhere, find it), else absolute."""
+    path, root = Path(path).resolve(), Path(checkpoint_root).resolve()
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -30,7 +30,7 @@ from bench.core.errors import BenchError
 from bench.core.models import eval_mode
 from bench.core.rng import batch_seed, fork_rng
 from bench.core.threat import BALL_TOLERANCE, ThreatModel, perturbation_norms
-from bench.engine.checkpoint import load_model, sha256_file
+from bench.engine.checkpoint import load_model, sha256_file, stored_path
 from bench.engine.counting import count_passes
 from bench.engine.pretrained import Pretrained
 from bench.engine.provenance import provenance
@@ -201,7 +201,7 @@ class Evaluator:
         self.threat = ThreatModel(meta["norm"], meta["eps"])
         self.sha = sha256_file(checkpoint)
         self.checkpoint_id = store.register_checkpoint(
-            self.sha, self.checkpoint, provenance(self.device, {"checkpoint": self.checkpoint}, seed))
+            self.sha, stored_path(checkpoint, checkpoint_root), provenance(self.device, {"checkpoint": self.checkpoint}, seed))
         spec = meta["model_spec"]
         self.pretrained = Pretrained(data, store, Path(checkpoint_root), self.device, self.threat, spec["name"],
                                      spec.get("kwargs", {}), None, seed, trainer=train)

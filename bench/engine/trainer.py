@@ -35,7 +35,7 @@ from bench.core.models import build_model, eval_mode
 from bench.core.rng import epoch_seed
 from bench.core.threat import ThreatModel
 from bench.engine.checkpoint import (FORMAT_VERSION, STATE_FORMAT, atomic_copy, atomic_save, check_writable,
-                                     model_checkpoint, safe_load, sha256_file)
+                                     model_checkpoint, safe_load, sha256_file, stored_path)
 from bench.engine.counting import PassCounter, count_passes
 from bench.engine.pretrained import Pretrained
 from bench.engine.provenance import provenance, training_sources
@@ -247,5 +247,5 @@ def _sync_store(store: Store, spec: RunSpec, run_id: str, state: dict, directory
     for kind, epoch in (("last", state["epoch"]), ("best", state["best_epoch"])):
         path = directory / f"{kind}.pt"
         if epoch is not None and path.exists():
-            checkpoints[kind] = (str(path), sha256_file(path), epoch)
+            checkpoints[kind] = (stored_path(path, directory.parent), sha256_file(path), epoch)
     store.sync_run(run_id, fields, state["log"], checkpoints, prov)

@@ -26,7 +26,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from bench.core.errors import BenchError
-from bench.store.engine import make_engine
+from bench.store.engine import BUSY_TIMEOUT_S, enable_wal, make_engine
 from bench.store.migrate import prepare_schema
 from bench.store.schema import (Checkpoint, Curve, CurvePoint, Evaluation, Job, JobDependency, Run, RunCheckpoint,
                                 SampleResult, SanityCheck, TrainEpoch, utcnow)
@@ -96,6 +96,8 @@ class Store:
             raise BenchError(f"cannot open database {db!r}: {_first_line(exc)}") from None
         try:
             prepare_schema(self.url, db, readonly)
+            if self.url.startswith("sqlite:///") and not readonly:
+                enable_wal(self.url[len("sqlite:///"):])
         except SQLAlchemyError as exc:
             raise BenchError(f"cannot open database {db!r}: {exc.__class__.__name__}: "
                              f"{exc.orig if hasattr(exc, 'orig') else exc}") from None
@@ -447,7 +449,7 @@ class Store:
             job = s.get(Job, job_id)
             job.state, job.error, job.lease_owner, job.lease_expires = state, error, None, None
             if state != "pending":
-                job.finished_at, job.did_work, job.force = utcnow(), did_work, False
+                job.finished_at, job.did_work, job.force, job.done_by = utcnow(), did_work, False, owner
 
     def runnable_jobs_left(self, among: Sequence[int] | None = None) -> bool:
         """Whether any job (of `among`) is running or may still run: pending and not waiting, at
@@ -505,7 +507,7 @@ def _check_sqlite_file(path: str, name: str, readonly: bool) -> None:
                          "give a writable --db (bench report can still render it)")
     try:
         con = sqlite3.connect(f"file:{path}?mode=ro" + ("&immutable=1" if not os.access(folder, os.W_OK) else ""),
-                              uri=True)
+                              uri=True, timeout=BUSY_TIMEOUT_S)
         try:
             verdict = con.execute("PRAGMA quick_check").fetchone()[0]
         finally:

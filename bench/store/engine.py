@@ -9,6 +9,9 @@ PostgreSQL (psycopg 3): plain transactions; schema changes serialize on an advis
 
 from __future__ import annotations
 
+import sqlite3
+import time
+
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 
@@ -32,10 +35,26 @@ def make_engine(url: str, *, readonly: bool = False, migrating: bool = False, wr
             return
         if not migrating:
             dbapi_connection.execute("PRAGMA foreign_keys=ON")
-            dbapi_connection.execute("PRAGMA journal_mode=WAL")
 
     @event.listens_for(engine, "begin")
     def begin(connection):
         connection.exec_driver_sql("BEGIN IMMEDIATE" if writing and not readonly else "BEGIN")
 
     return engine
+
+
+def enable_wal(path: str) -> None:
+    """Switch a SQLite store to the WAL journal (persistent; readers then never wait for writers).
+    The switch needs the file to itself for an instant: retried while other connections hold it."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        con = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S)
+        try:
+            if con.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() == "wal":
+                return
+        except sqlite3.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+        finally:
+            con.close()
+        time.sleep(0.05)

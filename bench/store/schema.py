@@ -205,6 +205,7 @@ class Job(Base):
     lease_expires: Mapped[dt.datetime | None] = mapped_column(DateTime)
     heartbeat: Mapped[dt.datetime | None] = mapped_column(DateTime)
     did_work: Mapped[bool] = mapped_column(Boolean, default=False)  # the last execution computed something
+    done_by: Mapped[str | None] = mapped_column(Text)  # the worker that ended it last
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)

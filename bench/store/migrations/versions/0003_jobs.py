@@ -28,6 +28,7 @@ def upgrade() -> None:
         sa.Column("lease_expires", sa.DateTime),
         sa.Column("heartbeat", sa.DateTime),
         sa.Column("did_work", sa.Boolean, nullable=False),
+        sa.Column("done_by", sa.Text),
         sa.Column("error", sa.Text),
         sa.Column("created_at", sa.DateTime, nullable=False),
         sa.Column("finished_at", sa.DateTime))
