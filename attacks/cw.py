@@ -32,6 +32,7 @@ class CWLinf(Attack):
     L∞ only (the name says so): for L2 use `pgd` with loss = "cw".
     """
 
+    revision = 2  # 2: restarts after the first only on the samples not fooled yet (bench.adversary.pgd_with_restarts)
     norms = ("Linf",)
     norm_hint = "for L2 use pgd with loss=cw"
     iterative = True
@@ -60,7 +61,8 @@ class CWLinf(Attack):
         c = self.config
         return pgd_with_restarts(model, x, y, margin_loss, eps=c.eps, norm=c.norm, steps=c.steps,
                                  step_size=self.step_size, uniform_start=c.random_start, restarts=c.restarts,
-                                 observe=lambda logits, losses: self.observe(logits, y, losses))
+                                 observe=lambda logits, losses, index: self.observe(
+                                     logits, y if index is None else y[index], losses, index=index))
 
 
 @register_attack("cw_l2")

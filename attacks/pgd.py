@@ -19,9 +19,11 @@ class PGD(Attack):
     (`loss = "cw"`, the C&W margin loss as in TRADES/MART's "CW∞").
 
     Defaults: Linf 8/255, 20 steps, step 2.5·eps/steps, uniform random start, 1 restart.
-    Restarts keep, per sample, the first restart whose end point is misclassified.
+    Restarts keep, per sample, the first restart whose end point is misclassified; a restart after
+    the first attacks only the samples not fooled yet (as AutoAttack's APGD restarts).
     """
 
+    revision = 2  # 2: restarts after the first only on the samples not fooled yet (other random draws)
     iterative = True
 
     @dataclass(frozen=True)
@@ -47,4 +49,5 @@ class PGD(Attack):
         c = self.config
         return pgd_with_restarts(model, x, y, LOSSES[c.loss], eps=c.eps, norm=c.norm, steps=c.steps,
                                  step_size=self.step_size, uniform_start=c.random_start, restarts=c.restarts,
-                                 observe=lambda logits, losses: self.observe(logits, y, losses))
+                                 observe=lambda logits, losses, index: self.observe(
+                                     logits, y if index is None else y[index], losses, index=index))

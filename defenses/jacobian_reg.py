@@ -26,6 +26,7 @@ class JacobianReg(Defense):
     """
 
     revision = 2  # 2: fp32 under bf16 autocast
+    double_backward = True  # the Jacobian penalty (jacobian_norm_sq, create_graph)
 
     @dataclass(frozen=True)
     class Config:

@@ -121,6 +121,7 @@ class TGCL(Defense):
     """
 
     revision = 2  # 2: fp32 under bf16 autocast; l2_scale
+    double_backward = True  # J_S and J_S^CE are built with create_graph
 
     pretrained_defenses = ("pgd_at",)
 

@@ -96,10 +96,13 @@ def test_rows_hold_per_sample_results_for_every_index(store, checkpoint, data):
         assert row["robust_acc"] == o.robust_acc == pytest.approx(sum(correct) / N_TEST)
         assert store.checkpoint(row["checkpoint_id"]).sha256 == sha
         assert row["dataset"] == "synthetic" and row["seed"] == 0
-        assert row["label"] == o.label and row["attack"] == o.attack and row["implementation"] == ("atbench" if o.attack == "clean" else "atbench r1")
+        assert row["label"] == o.label and row["attack"] == o.attack and row["implementation"] == (
+            "atbench" if o.attack == "clean" else f"atbench r{ATTACKS.get(o.attack).revision_id()}")
         assert (row["forward_passes"], row["backward_passes"]) == (o.forward_passes, o.backward_passes)
         assert row["versions"].get("torch") == torch.__version__ and row["device"].startswith("cpu")
         assert row["config"]["attack"] == o.attack and row["created_at"] is not None
+        assert {k: row["config"][k] for k in ("batch_size", "precision", "channels_last")} == \
+            {"batch_size": evaluation.CPU_BATCH, "precision": "fp32", "channels_last": False}  # "auto" on the CPU
     clean, fgsm, pgd = (rows[o.evaluation_id] for o in outcomes)
     assert [c for _, c, _ in clean["samples"]] == clean_correct
     assert clean["norm"] is None and clean["eps"] is None and all(n is None for _, _, n in clean["samples"])

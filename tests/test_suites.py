@@ -9,7 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import tomllib
+from bench.core.config import tomllib
 import torch
 
 from bench.app.suite import load_suite

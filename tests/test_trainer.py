@@ -1,5 +1,7 @@
-"""bench.engine.trainer: a killed run resumes to the same weights, finished runs are skipped, a
-diverged loss fails cleanly, LR schedules, config validation, run ids, best.pt selection."""
+"""bench.engine.trainer: a killed run resumes to the same weights (also when it wrote its checkpoints
+in the background), finished runs are skipped, a diverged loss fails cleanly (also when checked
+every few steps), LR schedules, config validation, run ids, best.pt selection, the fast path's CPU
+options leave every bit unchanged, an interrupted epoch's writes are finished or dropped."""
 
 from __future__ import annotations
 
@@ -24,9 +26,10 @@ from bench.core.data import load_dataset
 from bench.core.defense import DEFENSES, Defense
 from bench.core.errors import BenchError
 from bench.core.threat import ThreatModel
-from bench.engine.checkpoint import MODEL_FORMAT, STATE_FORMAT, safe_load, sha256_file
+from bench.engine.checkpoint import MODEL_FORMAT, STATE_FORMAT, atomic_save, safe_load, sha256_file
+from bench.engine.fastpath import FastPath
 from bench.engine.runspec import OPTIMIZERS, SCHEDULES, RunSpec, TrainConfig, build_train_config, lr_at
-from bench.engine.trainer import train
+from bench.engine.trainer import STAGED_BEST, recover, train, verify_checkpoints
 from bench.store import Store
 from bench.store.schema import Run, TrainEpoch
 
@@ -65,19 +68,24 @@ TRAIN_CMD = [sys.executable, "-m", "bench", "train", "--defense", "pgd_at", "--d
              "--seed", "3", "--device", "cpu", "--train", "batch_size=64"]
 
 
-def _run_to_completion(cwd: Path) -> str:
-    done = subprocess.run(TRAIN_CMD, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=120)
+def _run_to_completion(cwd: Path, extra: list[str] = ()) -> str:
+    done = subprocess.run(TRAIN_CMD + list(extra), cwd=cwd, env=ENV, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
 
-def test_killed_training_resumes_to_the_same_weights(tmp_path):
+@pytest.mark.parametrize("fast", [[], ["--fast", "background_checkpoints=true", "--fast", "sync_every=3"]],
+                         ids=["plain", "background-writes"])
+def test_killed_training_resumes_to_the_same_weights(tmp_path, fast):
+    """Killed as soon as its first state.pt exists (with background writes: while epoch 2 trains or
+    epoch 1's files are written), then resumed by the same command: the weights, optimizer state,
+    log and counters equal those of an uninterrupted run of the plain loop."""
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     killed.mkdir()
     straight.mkdir()
 
     log = open(killed / "first.log", "w")
-    proc = subprocess.Popen(TRAIN_CMD, cwd=killed, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(TRAIN_CMD + fast, cwd=killed, env=ENV, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 90
         states: list[Path] = []
@@ -96,7 +104,7 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path):
     epoch_at_kill = safe_load(state_path, STATE_FORMAT)["progress"]["epoch"]
     assert 1 <= epoch_at_kill < 4
 
-    out = _run_to_completion(killed)  # the same command resumes ...
+    out = _run_to_completion(killed, fast)  # the same command resumes ...
     assert f"run {run_id} trained" in out
     for epoch in range(1, 5):  # ... after the last saved epoch, without redoing earlier ones
         assert (f"epoch {epoch}/4" in out) == (epoch > epoch_at_kill), out
@@ -329,3 +337,139 @@ def test_best_checkpoint_of_clean_selection_is_an_earlier_epoch(tmp_path, data, 
     _check_best(store, root / run_id, run_id, best)
     assert (root / run_id / "best.pt").read_bytes() == last_after[best]
     assert sha256_file(root / run_id / "best.pt") != sha256_file(root / run_id / "last.pt")
+
+
+# --------------------------------------------------------------------------- (h) the fast path on the CPU
+
+def _state(directory: Path) -> dict:
+    return safe_load(directory / "state.pt", STATE_FORMAT)
+
+
+def test_cpu_fast_path_options_change_no_bit(tmp_path, data):
+    """Deferred finiteness checks (one sync every 3 of 8 steps) and background checkpoint writes:
+    the checkpoint files are byte-identical to the plain loop's, and so are the optimizer state,
+    the per-epoch log and the counters in state.pt; the run's provenance records the options."""
+    spec = spec_for("pgd_at", {"steps": 2}, epochs=3, batch_size=16)
+    fast = FastPath(sync_every=3, background_checkpoints=True)
+    dirs = {}
+    for name, options in (("plain", None), ("fast", fast)):
+        store = Store(str(tmp_path / f"{name}.db"))
+        dirs[name] = train(spec, data, store=store, checkpoint_root=tmp_path / name, progress=False,
+                           fast=options).directory
+        with store.session() as s:
+            assert s.get(Run, spec.run_id).config["fast_path"] == (options or FastPath()).record()
+    for kind in ("last.pt", "best.pt"):
+        assert (dirs["plain"] / kind).read_bytes() == (dirs["fast"] / kind).read_bytes(), kind
+    a, b = _state(dirs["plain"]), _state(dirs["fast"])
+    assert a["files"] == b["files"] and a["progress"]["best_epoch"] == b["progress"]["best_epoch"]
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(torch.as_tensor(pa[k]), torch.as_tensor(pb[k])) for k in pa)
+    timeless = [{k: v for k, v in e.items() if k != "seconds"} for e in a["progress"]["log"]]
+    assert timeless == [{k: v for k, v in e.items() if k != "seconds"} for e in b["progress"]["log"]]
+    for key in ("forward", "backward", "samples"):
+        assert a["progress"][key] == b["progress"][key]
+
+
+@pytest.mark.parametrize("raise_after_nan", [False, True], ids=["nan", "nan-then-a-crash"])
+def test_a_deferred_check_still_names_the_first_diverged_step(tmp_path, data, registered, raise_after_nan):
+    """A finiteness check every 4 steps and background writes: a NaN at step 3 of epoch 2 fails the
+    run naming step 3 (not the step of the check), epoch 1's files are kept complete and consistent,
+    and a defense that crashes on the weights the NaN left (step 4) still ends in the divergence error."""
+    root = tmp_path / "checkpoints"
+
+    class NaNAtStep3(Defense):
+        @dataclass(frozen=True)
+        class Config:
+            pass
+
+        def training_step(self, model, x, y, ctx):
+            step = ctx.step - ctx.steps_per_epoch
+            if raise_after_nan and step == 3:
+                raise RuntimeError("weights are NaN")
+            loss = F.cross_entropy(model(x), y)
+            return loss * float("nan") if step == 2 else loss
+
+    registered(DEFENSES, "test_nan_at_step_3", NaNAtStep3)
+    spec = spec_for("test_nan_at_step_3", batch_size=16)  # 8 steps per epoch
+    run_id = spec.run_id
+    store = Store(str(tmp_path / "results.db"))
+    with pytest.raises(BenchError, match=r"diverged: loss became nan at epoch 2, step 3; the last good checkpoint "
+                                         r"\(epoch 1\)"):
+        train(spec, data, store=store, checkpoint_root=root, progress=False,
+              fast=FastPath(sync_every=4, background_checkpoints=True))
+    assert sorted(files(root / run_id)) == ["best.pt", "last.pt", "state.pt"]  # no temporary or staged file
+    state = _state(root / run_id)
+    assert state["progress"]["epoch"] == 1 and safe_load(root / run_id / "last.pt", MODEL_FORMAT)["epoch"] == 1
+    assert state["files"] == {kind: sha256_file(root / run_id / f"{kind}.pt") for kind in ("last", "best")}
+    with store.session() as s:
+        run = s.get(Run, run_id)
+        assert (run.status, run.epochs_done) == ("failed", 1) and "epoch 2, step 3" in run.error
+
+
+def test_a_failed_background_write_fails_the_run_and_keeps_the_previous_file(tmp_path, data, monkeypatch):
+    spec = spec_for("natural", epochs=2, batch_size=64)
+    root = tmp_path / "checkpoints"
+    real_save, calls = torch.save, []
+
+    def full_disk(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) > 2:  # epoch 1's last.pt and state.pt are written; epoch 2's last.pt is not
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr("bench.engine.checkpoint.torch.save", full_disk)
+    with pytest.raises(BenchError, match="cannot write .*last.pt.*No space left on device"):
+        train(spec, data, store=Store(str(tmp_path / "r.db")), checkpoint_root=root, progress=False,
+              fast=FastPath(background_checkpoints=True))
+    assert safe_load(root / spec.run_id / "last.pt", MODEL_FORMAT)["epoch"] == 1
+    assert sorted(p.name for p in (root / spec.run_id).iterdir()) == ["best.pt", "last.pt", "state.pt"]
+
+
+def test_an_interrupted_epochs_staged_best_is_finished_or_dropped(tmp_path, data):
+    """state.pt is the commit point of an epoch's files: a best.pt staged before a kill is moved in
+    place when state.pt records it (the kill fell after the commit) and removed when it does not;
+    `verify_checkpoints` accepts a recorded staged file and changes nothing."""
+    spec = spec_for("natural", epochs=2, batch_size=64)
+    root = tmp_path / "checkpoints"
+    train(spec, data, store=Store(str(tmp_path / "r.db")), checkpoint_root=root, progress=False)
+    directory = root / spec.run_id
+    saved = _state(directory)
+    new_best = safe_load(directory / "last.pt", MODEL_FORMAT)
+    atomic_save({**new_best, "epoch": 99}, directory / STAGED_BEST)
+    recover(directory, saved)  # not recorded: written before the kill reached state.pt
+    assert not (directory / STAGED_BEST).exists() and sha256_file(directory / "best.pt") == saved["files"]["best"]
+
+    atomic_save({**new_best, "epoch": 99}, directory / STAGED_BEST)
+    committed = {**saved, "files": {**saved["files"], "best": sha256_file(directory / STAGED_BEST)}}
+    atomic_save(committed, directory / "state.pt")  # the kill fell between state.pt and the move
+    before = files(directory)
+    verify_checkpoints(spec, root)
+    assert files(directory) == before
+    train(spec, data, store=Store(str(tmp_path / "r.db")), checkpoint_root=root, progress=False)  # complete: recovers
+    assert not (directory / STAGED_BEST).exists()
+    assert safe_load(directory / "best.pt", MODEL_FORMAT)["epoch"] == 99
+    verify_checkpoints(spec, root)
+
+
+def test_compile_is_off_for_a_double_backward_defense(tmp_path, data, capsys):
+    spec = spec_for("jacobian_reg", epochs=1, batch_size=64)
+    store = Store(str(tmp_path / "r.db"))
+    train(spec, data, store=store, checkpoint_root=tmp_path, fast=FastPath(compile=True))
+    assert "torch.compile off" in capsys.readouterr().out
+    with store.session() as s:
+        assert s.get(Run, spec.run_id).config["fast_path"]["compile"] is False
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_and_resumes(tmp_path, data):
+    """torch.compile (CPU inductor; minutes to compile): a run trains with finite losses, its
+    checkpoints hold the plain state_dict keys, and the weights stay within float rounding of the
+    eager run's."""
+    spec = spec_for("pgd_at", {"steps": 2}, epochs=2, batch_size=64)
+    eager = train(spec, data, store=Store(str(tmp_path / "e.db")), checkpoint_root=tmp_path / "e", progress=False)
+    compiled = train(spec, data, store=Store(str(tmp_path / "c.db")), checkpoint_root=tmp_path / "c", progress=False,
+                     fast=FastPath(compile=True))
+    a = safe_load(eager.directory / "last.pt", MODEL_FORMAT)["state_dict"]
+    b = safe_load(compiled.directory / "last.pt", MODEL_FORMAT)["state_dict"]
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-4) for k in a)

@@ -4,8 +4,9 @@ relatives, the defenses' inner maximizations, the trainer's validation and the c
 - `pgd`: `steps` projected ascent steps on a per-sample loss from a given start; `observe` sees
   every iterate it differentiates at, `after_step` every new iterate (the steps curve records
   chosen step counts of one trajectory with it);
-- `best_of_restarts`: restarts of such a run, keeping per sample the first restart that fools the
-  model (`after_restart` lets the restarts curve record chosen counts of one run);
+- `best_of_restarts`: restarts of such a run on the samples not fooled yet, keeping per sample the
+  first restart that fools the model (`after_restart` lets the restarts curve record chosen counts
+  of one run);
 - `pgd_with_stopping`: per-sample early stopping (FOSC in DAT, margins in P-SAT).
 """
 
@@ -51,23 +52,30 @@ def pgd(model: nn.Module, x: torch.Tensor, loss_fn: LossFn, *, eps: float, norm:
     return x_adv
 
 
-def best_of_restarts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, run: Callable[[], torch.Tensor],
-                     restarts: int, after_restart: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
+def best_of_restarts(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                     run: Callable[[torch.Tensor | None], torch.Tensor], restarts: int,
+                     after_restart: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
                      ) -> torch.Tensor:
-    """Up to `restarts` calls of `run()` (each draws its own start and returns its end points);
-    per sample, the end point of the first restart that misclassifies it, else of the last one.
-    Once every sample is fooled no further restart runs. `after_restart(r, best, fooled)` is
-    called after restart r (from 1) for every r up to `restarts`, also those not run."""
+    """Up to `restarts` calls of `run(idx)`, each drawing its own start for the samples at positions
+    `idx` of the batch (None: all of them) and returning their end points. The first restart attacks
+    every sample, each later one only the samples no earlier restart fooled (so a sample's draws
+    depend on the restarts it needed); per sample, the end point of the first restart that
+    misclassifies it, else of the last one. Once every sample is fooled no further restart runs.
+    `after_restart(r, best, fooled)` is called after restart r (from 1) for every r up to
+    `restarts`, also those not run."""
     best = x.clone()
     fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     for r in range(1, restarts + 1):
-        if r == 1 or not bool(fooled.all()):
-            x_adv = run()
+        idx = None if r == 1 else (~fooled).nonzero().squeeze(1)
+        if idx is None or len(idx):
+            x_adv = run(idx)
             with torch.no_grad():
-                now_fooled = model(x_adv).argmax(1) != y
-            take = ~fooled
-            best[take] = x_adv[take]
-            fooled |= now_fooled
+                now_fooled = model(x_adv).argmax(1) != (y if idx is None else y[idx])
+            if idx is None:
+                best, fooled = x_adv.clone(), now_fooled
+            else:
+                best[idx] = x_adv
+                fooled[idx] = now_fooled
         elif after_restart is None:
             break
         if after_restart is not None:
@@ -104,13 +112,18 @@ def pgd_with_stopping(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 def pgd_with_restarts(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                       loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, eps: float, norm: str,
                       steps: int, step_size: float, uniform_start: bool = True, restarts: int = 1,
-                      observe: Observer | None = None) -> torch.Tensor:
+                      observe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], None] | None = None
+                      ) -> torch.Tensor:
     """The PGD attack (Madry et al. 2018): `steps` steps on `loss(logits, y)` from a uniform random
-    start in the ball (or from x), repeated `restarts` times with `best_of_restarts` (one restart
-    returns its end points as they are, without a forward pass to compare)."""
-    def run() -> torch.Tensor:
-        start = random_start(x, norm, eps) if uniform_start else x
-        return pgd(model, x, lambda logits: loss(logits, y), eps=eps, norm=norm, steps=steps,
-                   step_size=step_size, x_init=start, observe=observe)
+    start in the ball (or from x), repeated `restarts` times with `best_of_restarts` (restarts after
+    the first on the samples not fooled yet; one restart returns its end points as they are, without
+    a forward pass to compare). `observe(logits, losses, index)` sees every iterate, `index` the
+    positions in the batch of the samples it covers (None: all)."""
+    def run(idx: torch.Tensor | None) -> torch.Tensor:
+        xs, ys = (x, y) if idx is None else (x[idx], y[idx])
+        start = random_start(xs, norm, eps) if uniform_start else xs
+        seen = None if observe is None else lambda logits, losses: observe(logits, losses, idx)
+        return pgd(model, xs, lambda logits: loss(logits, ys), eps=eps, norm=norm, steps=steps,
+                   step_size=step_size, x_init=start, observe=seen)
 
-    return run() if restarts == 1 else best_of_restarts(model, x, y, run, restarts)
+    return run(None) if restarts == 1 else best_of_restarts(model, x, y, run, restarts)

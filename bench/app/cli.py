@@ -22,8 +22,19 @@ def _device(name: str | None) -> torch.device:
     except RuntimeError:
         raise BenchError(f"unknown device {name!r}; accepted: cpu, cuda, cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda was asked for, but no CUDA GPU is available; use --device cpu")
+        why = f"this torch {torch.__version__} is a CPU-only build" if torch.version.cuda is None else \
+            f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no usable GPU (driver too old, or none visible)"
+        raise BenchError(f"--device {name} was asked for, but CUDA is not available: {why}; to run on the CPU "
+                         "anyway (far slower), use --device cpu (make bench DEVICE=cpu)")
     return device
+
+
+def _fast(args, device: torch.device):
+    """The fast path on `device` with the `--fast KEY=VALUE` overrides (checked now, before any work)."""
+    from bench.core.config import parse_assignments
+    from bench.engine.fastpath import FastPath
+
+    return FastPath.default(device, parse_assignments(getattr(args, "fast", None)))
 
 
 class Parser(argparse.ArgumentParser):
@@ -65,12 +76,25 @@ def _workers(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slurm-folder", default="slurm_logs", help="submitit's folder for job files and logs")
 
 
+def batch_size(text: str) -> int | str:
+    """An argparse type: an integer >= 1 or "auto"."""
+    return text if text == "auto" else count(1)(text)
+
+
+def _fast_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fast", action="append", metavar="KEY=VALUE",
+                   help="fast-path option (repeatable): precision=fp32|tf32, channels_last, cudnn_benchmark, "
+                        "sync_every=N, compile, background_checkpoints (=true|false); default: on for CUDA "
+                        "(tf32, no compile), off on the CPU; recorded in provenance")
+
+
 def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
     p.add_argument("--db", default="results.db", help="SQLite file or SQLAlchemy URL (default: results.db)")
     if data:
         p.add_argument("--data-dir", default=None, help="folder holding dataset files (offline use)")
         p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
         p.add_argument("--force", action="store_true", help="redo work that is already stored")
+        _fast_option(p)
 
 
 def parse_attack(text: str):
@@ -116,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"attack to run (repeatable; default: {' '.join(DEFAULT_ATTACKS)}); norm and eps default to the checkpoint's")
     p.add_argument("--n-samples", type=count(1), default=None, help="size of the fixed evaluation subset (default: whole test set)")
     p.add_argument("--seed", type=count(0), default=0)
-    p.add_argument("--batch-size", type=count(1), default=256)
+    p.add_argument("--batch-size", type=batch_size, default="auto",
+                   help="samples per batch, each batch seeded from its first index (default: auto, sized to the device)")
     p.add_argument("--no-curves", action="store_true", help="skip the curves (accuracy/loss vs eps, steps, restarts)")
     p.add_argument("--curve-samples", type=count(1), default=200, help="samples the curves use (default: 200)")
     p.add_argument("--no-sanity", action="store_true", help="skip the sanity checks")
@@ -198,8 +223,10 @@ def cmd_train(args) -> None:
                    model_params=parse_assignments(args.model_param), dataset_options=dataset_options, seed=args.seed,
                    label=args.label or args.defense)
     spec.canonical()
-    result = train(spec, data, store=Store(args.db), checkpoint_root=args.checkpoints, device=_device(args.device),
-                   force=args.force)
+    device = _device(args.device)
+    fast = _fast(args, device)
+    result = train(spec, data, store=Store(args.db), checkpoint_root=args.checkpoints, device=device,
+                   force=args.force, fast=fast)
     state = "trained" if result.trained_now else "already trained (use --force to retrain)"
     print(f"run {result.run_id} {state}: checkpoints in {result.directory}/ (best.pt, last.pt)")
 
@@ -222,13 +249,15 @@ def cmd_eval(args) -> None:
             raise BenchError(f"attack {spec.label!r} uses {spec.params['norm']} but the checkpoint was trained for "
                              f"{meta['norm']}: give its eps, e.g. {spec.attack}:norm=\"L2\",eps=0.5")
         spec.build()
+    device = _device(args.device)
+    fast = _fast(args, device)
     curves = None if args.no_curves else build_config(CurveSettings, {"n_samples": args.curve_samples}, "--curve-samples")
     data = load_dataset(meta["dataset"], data_dir=args.data_dir, **meta.get("dataset_options", {}))
     store = Store(args.db)
     print(f"evaluating {args.checkpoint} ({meta['dataset']}, trained for {meta['norm']} eps={meta['eps']:g})")
     report = evaluate_checkpoint(store, args.checkpoint, data, specs, n_samples=args.n_samples, seed=args.seed,
-                                 batch_size=args.batch_size, device=_device(args.device), force=args.force,
-                                 curves=curves, sanity=not args.no_sanity, checkpoint_root=args.checkpoints)
+                                 batch_size=args.batch_size, device=device, force=args.force,
+                                 curves=curves, sanity=not args.no_sanity, checkpoint_root=args.checkpoints, fast=fast)
     outcomes = report.outcomes
     acc, n = store.sample_matrix([o.evaluation_id for o in outcomes]).worst_case()
     print(f"  {'worst case':<12} {acc:7.2%}  (per-sample AND over {len(outcomes)} evaluations, n={n})")
@@ -240,8 +269,11 @@ def cmd_eval(args) -> None:
 
 def _options(args, device: torch.device):
     from bench.app.runner import Options
+    from bench.core.config import parse_assignments
 
+    _fast(args, device)
     return Options(db=args.db, checkpoint_root=args.checkpoints, device=str(device), data_dir=args.data_dir,
+                   fast=parse_assignments(args.fast),
                    workers=args.workers, threads=args.threads, backend=args.backend, lease_seconds=args.lease,
                    ray_address=args.ray_address, gpus_per_worker=args.gpus_per_worker,
                    slurm={"partition": args.slurm_partition, "time": args.slurm_time, "account": args.slurm_account,
@@ -312,8 +344,12 @@ def cmd_plan(args) -> None:
 def cmd_worker(args) -> None:
     from bench.app.worker import work
 
-    ran = work(args.db, args.checkpoints, str(_device(args.device)), threads=args.threads, data_dir=args.data_dir,
-               lease_seconds=args.lease)
+    from bench.core.config import parse_assignments
+
+    device = _device(args.device)
+    _fast(args, device)
+    ran = work(args.db, args.checkpoints, str(device), threads=args.threads, data_dir=args.data_dir,
+               lease_seconds=args.lease, fast=parse_assignments(args.fast))
     print(f"worker: ran {ran} job(s); none left")
 
 

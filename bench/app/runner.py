@@ -28,6 +28,7 @@ from bench.app.suite import Suite
 from bench.app.worker import Worker, mark_stored_jobs_done, work
 from bench.core.data import Dataset
 from bench.core.errors import BenchError
+from bench.engine.fastpath import FastPath
 from bench.engine.trainer import verify_checkpoints
 from bench.store import Store
 
@@ -49,6 +50,7 @@ class Options:
     ray_address: str | None = None
     gpus_per_worker: float = 1.0
     slurm: dict = field(default_factory=dict)  # partition, time (minutes), account, gres, folder
+    fast: dict = field(default_factory=dict)  # fast-path overrides of each worker's device defaults
 
 
 @dataclass
@@ -90,7 +92,7 @@ def execute(store: Store, among: list[int], options: Options, progress: bool = T
         if options.threads is not None:
             torch.set_num_threads(options.threads)
         worker = Worker(store, Path(options.checkpoint_root), torch.device(options.device), options.data_dir, progress,
-                        options.lease_seconds)
+                        options.lease_seconds, fast=FastPath.default(options.device, options.fast))
         worker.owner = tag + worker.owner
         worker.run(among)
     elif options.backend == "local":
@@ -113,7 +115,7 @@ def _worker_args(among: list[int], options: Options, progress: bool, threads: in
                  tag: str) -> tuple:
     return (options.db, options.checkpoint_root, device), dict(
         among=among, threads=threads, data_dir=options.data_dir, lease_seconds=options.lease_seconds, progress=progress,
-        tag=tag)
+        tag=tag, fast=options.fast)
 
 
 def _local_pool(among: list[int], options: Options, progress: bool, tag: str) -> None:

@@ -27,15 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
-from bench.core.config import build_config, require, require_choice
+from bench.core.config import build_config, require, require_choice, tomllib
 from bench.core.data import Dataset, load_dataset
 from bench.core.errors import BenchError
 from bench.core.planted import PLANTS
 from bench.core.threat import ThreatModel, parse_eps
 from bench.engine.curves import CurveSettings
-from bench.engine.evaluation import AttackSpec
+from bench.engine.evaluation import AttackSpec, check_batch_size
 from bench.engine.runspec import RunSpec, build_train_config
 
 TOP_KEYS = ("name", "description", "dataset", "dataset_options", "seed", "threat", "model", "training",
@@ -46,17 +44,20 @@ CHECKPOINT_KINDS = ("best", "last")
 @dataclass(frozen=True)
 class EvalSettings:
     """How every checkpoint of a suite is evaluated: on the first `n_samples` of the test split
-    (None: all), by `batch_size`, with `seed`; with the curves and the sanity checks unless off."""
+    (None: all), by `batch_size` ("auto": sized to the device, see
+    `bench.engine.evaluation.auto_batch_size`), with `seed`; with the curves and the sanity checks
+    unless off."""
 
     n_samples: int | None = None
-    batch_size: int = 256
+    batch_size: int | str = "auto"
     seed: int = 0
     checkpoints: tuple[str, ...] = ("best", "last")
     curves: bool = True
     sanity: bool = True
 
     def __post_init__(self):
-        require(self, at_least_one=("n_samples", "batch_size"), non_negative=("seed",))
+        check_batch_size(self.batch_size, "batch_size")
+        require(self, at_least_one=("n_samples",), non_negative=("seed",))
         for kind in self.checkpoints:
             require_choice(kind, CHECKPOINT_KINDS, "checkpoint kind")
 

@@ -34,6 +34,7 @@ from bench.core.threat import ThreatModel
 from bench.engine.checkpoint import load_model, plant, sha256_file, stored_path
 from bench.engine.curves import CurveSettings, compute_curves
 from bench.engine.evaluation import CLEAN, AttackSpec, Evaluator, sample_digest
+from bench.engine.fastpath import FastPath
 from bench.engine.provenance import provenance
 from bench.engine.sanity import run_checks
 from bench.engine.trainer import train
@@ -56,6 +57,7 @@ class Worker:
     progress: bool = True
     lease_seconds: float = LEASE_SECONDS
     log: Callable[[str], None] = print
+    fast: FastPath | None = None  # None: the device's defaults
     owner: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}")
     _datasets: dict = field(default_factory=dict)
 
@@ -77,7 +79,8 @@ class Worker:
         p = job.payload
         return Evaluator(self.store, self.checkpoint(p["run_id"], p["kind"]), self.dataset(p["dataset"], p["dataset_options"]),
                          seed=p["seed"], batch_size=p["batch_size"], device=self.device, force=job.force,
-                         checkpoint_root=self.checkpoint_root, log=self.log if self.progress else lambda _: None)
+                         checkpoint_root=self.checkpoint_root, log=self.log if self.progress else lambda _: None,
+                         fast=self.fast)
 
     # ------------------------------------------------------------------ running jobs
 
@@ -137,7 +140,7 @@ class Worker:
 def _train(w: Worker, job: Job) -> bool:
     spec = run_spec(job.payload["run"])
     result = train(spec, w.dataset(spec.dataset, spec.dataset_options), store=w.store, checkpoint_root=w.checkpoint_root,
-                   device=w.device, force=job.force, progress=w.progress)
+                   device=w.device, force=job.force, progress=w.progress, fast=w.fast)
     return result.trained_now
 
 
@@ -257,12 +260,14 @@ def mark_stored_jobs_done(w: Worker, jobs: Sequence[Job]) -> int:
 
 
 def work(db: str, checkpoint_root: str, device: str, *, among: Sequence[int] | None = None, threads: int | None = None,
-         data_dir: str | None = None, lease_seconds: float = LEASE_SECONDS, progress: bool = True, tag: str = "") -> int:
+         data_dir: str | None = None, lease_seconds: float = LEASE_SECONDS, progress: bool = True, tag: str = "",
+         fast: dict | None = None) -> int:
     """One worker process (what `bench worker`, the local pool, Ray tasks and Slurm array jobs run):
-    its own store connection, `threads` intra-op threads, an owner name starting with `tag`;
-    returns how many jobs it ran."""
+    its own store connection, `threads` intra-op threads, an owner name starting with `tag`, the
+    device's fast path with the `fast` overrides; returns how many jobs it ran."""
     if threads is not None:
         torch.set_num_threads(threads)
-    worker = Worker(Store(db), Path(checkpoint_root), torch.device(device), data_dir, progress, lease_seconds)
+    worker = Worker(Store(db), Path(checkpoint_root), torch.device(device), data_dir, progress, lease_seconds,
+                    fast=FastPath.default(device, fast))
     worker.owner = tag + worker.owner
     return worker.run(among)

@@ -17,6 +17,11 @@ from typing import Any
 
 from bench.core.errors import BenchError
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package (a dependency there)
+    import tomli as tomllib
+
 
 def build_config(cls: type, params: dict[str, Any], owner: str):
     """Instantiate dataclass `cls` from `params`; unknown keys and wrong types are BenchErrors.
@@ -136,8 +141,6 @@ def parse_number(value: Any, what: str) -> float:
 
 def parse_assignments(items: list[str] | None) -> dict[str, Any]:
     """Parse CLI `key=value` pairs; values are read as TOML scalars (numbers, booleans, strings)."""
-    import tomllib
-
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, raw = item.partition("=")

@@ -60,6 +60,8 @@ class Defense:
     pretrained_defenses: ClassVar[tuple[str, ...]] = ()
     # validation accuracy that picks best.pt: "robust" (early stopping, Rice et al. 2020) or "clean"
     selection_metric: ClassVar[str] = "robust"
+    # the loss back-propagates through an input gradient (create_graph): torch.compile is not used for it
+    double_backward: ClassVar[bool] = False
 
     def __init__(self, **params):
         self.config = build_config(self.Config, params, f"defense {self.name!r}")

@@ -1,5 +1,5 @@
-"""Checkpoint files: atomic writes, sha256, and safe loading (`torch.load(weights_only=True)`,
-so a checkpoint can never run code).
+"""Checkpoint files: atomic writes (in order, optionally in the background: `Writer`), sha256,
+and safe loading (`torch.load(weights_only=True)`, so a checkpoint can never run code).
 
 Two formats, both plain dicts of tensors, numbers and strings:
 - model checkpoint (`best.pt`, `last.pt`): what evaluation reads; rebuilds the model from its spec;
@@ -12,8 +12,10 @@ import hashlib
 import os
 import pickle
 import shutil
+import threading
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -28,28 +30,65 @@ STATE_FORMAT = "atbench-train-state"
 FORMAT_VERSION = 1
 
 
-def atomic_save(obj: dict, path: str | Path) -> None:
+def atomic_save(obj: dict, path: str | Path, *, digest: bool = False) -> str | None:
     """Write via a temporary file and rename, so an interruption never leaves a torn file; a
     failed write (disk full, read-only folder) removes the temporary file and is a BenchError,
-    the previous file intact."""
+    the previous file intact. With `digest`, returns the file's sha256 (read once, before the rename)."""
     path = Path(path)
-    _write_atomically(path, lambda tmp: torch.save(obj, tmp))
+    return _write_atomically(path, lambda tmp: torch.save(obj, tmp), digest)
 
 
 def atomic_copy(src: str | Path, dst: str | Path) -> None:
     _write_atomically(Path(dst), lambda tmp: shutil.copyfile(src, tmp))
 
 
-def _write_atomically(path: Path, write) -> None:
+def _write_atomically(path: Path, write, digest: bool = False) -> str | None:
     tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
+        sha = sha256_file(tmp) if digest else None
         os.replace(tmp, path)
+        return sha
     except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
         tmp.unlink(missing_ok=True)
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:160]
         raise BenchError(f"cannot write {str(path)!r}: {reason}; the previous file, if any, is unchanged") from None
+
+
+class Writer:
+    """Runs write jobs one at a time, in the order given: in a background thread (`background`),
+    so that training goes on while a checkpoint is written, or at once. `submit` first waits for the
+    job in flight (at most one: memory stays bounded, files are written in order); `wait` waits for
+    it and raises its error, if any. The thread is not a daemon: the interpreter does not exit (nor
+    a KeyboardInterrupt unwind past `wait`) with a write half done."""
+
+    def __init__(self, background: bool):
+        self.background = background
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.wait()
+        if not self.background:
+            job()
+            return
+        self._thread = threading.Thread(target=self._run, args=(job,), name="checkpoint-writer")
+        self._thread.start()
+
+    def _run(self, job: Callable[[], None]) -> None:
+        try:
+            job()
+        except BaseException as exc:  # handed to the training thread by `wait`
+            self._error = exc
+
+    def wait(self, raise_error: bool = True) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None and raise_error:
+            raise error
 
 
 def check_writable(folder: str | Path) -> None:
@@ -107,9 +146,21 @@ def safe_load(path: str | Path, expected_format: str) -> dict:
 def model_checkpoint(model: nn.Module, *, run_id: str | None, epoch: int, dataset: str, dataset_options: dict,
                      norm: str, eps: float) -> dict:
     return {"format": MODEL_FORMAT, "version": FORMAT_VERSION, "model_spec": model.spec,
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "state_dict": {k: cpu_copy(v).contiguous() for k, v in model.state_dict().items()},
             "run_id": run_id, "epoch": epoch, "dataset": dataset, "dataset_options": dataset_options,
             "norm": norm, "eps": eps}
+
+
+def cpu_copy(obj):
+    """A copy of `obj` (tensors, numbers, strings, containers of them) with every tensor copied to
+    the CPU: a snapshot that later in-place updates of the originals do not reach."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict]:

@@ -7,7 +7,8 @@ sanity checks can pair samples across points):
   PGD-T from the same start, so one trajectory of max(steps) gives every point, exactly as separate
   runs would (same seeds, same batches); it also records the per-sample loss trace;
 - `restarts:pgd`: accuracy against PGD restarts. PGD with r restarts is the first r restarts of
-  one run with more, so one run of max(restarts) gives every point.
+  one run with more (each restart after the first on the samples not fooled yet, as `pgd`), so
+  one run of max(restarts) gives every point.
 
 Points that coincide with stored evaluations (an attack of the suite, an earlier curve) are reused:
 every point is stored as an evaluation of the registered `fgsm` or `pgd` attack with the parameters
@@ -79,6 +80,11 @@ def default_eps_grid(threat: ThreatModel, input_shape) -> list[float]:
 
 def compute_curves(evaluator: Evaluator, settings: CurveSettings) -> dict[str, int]:
     """Compute (or find) every curve of the checkpoint and store them; returns {curve name: curve_id}."""
+    with evaluator.backends():
+        return _compute_curves(evaluator, settings)
+
+
+def _compute_curves(evaluator: Evaluator, settings: CurveSettings) -> dict[str, int]:
     threat, samples = evaluator.threat, evaluator.samples(settings.n_samples)
     clean = evaluator.evaluate(CLEAN, CLEAN, None, samples, role="curve").evaluation_id
     grid = list(settings.eps) or default_eps_grid(threat, evaluator.data.input_shape)
@@ -205,7 +211,8 @@ def _convergence(trace: torch.Tensor, robust: torch.Tensor, samples: SampleSet) 
 
 def _restarts(evaluator: Evaluator, samples: SampleSet, attacks: dict[int, Attack]) -> dict[int, AttackResult]:
     """Run PGD with max(restarts), batch by batch as run_attack would, recording the result after
-    each requested restart count (PGD keeps, per sample, the first restart that fools the model)."""
+    each requested restart count (PGD keeps, per sample, the first restart that fools the model,
+    and restarts only the samples not fooled yet)."""
     model, n = evaluator.model, len(samples)
     total = max(attacks)
     one = attacks[total]
@@ -217,9 +224,10 @@ def _restarts(evaluator: Evaluator, samples: SampleSet, attacks: dict[int, Attac
             torch.manual_seed(batch_seed(evaluator.seed, i))
             recorder.start = time.perf_counter()
 
-            def run():
-                return pgd(model, x, lambda z: ce_loss(z, y), eps=c.eps, norm=c.norm, steps=c.steps,
-                           step_size=one.step_size, x_init=random_start(x, c.norm, c.eps))
+            def run(idx):
+                xs, ys = (x, y) if idx is None else (x[idx], y[idx])
+                return pgd(model, xs, lambda z: ce_loss(z, ys), eps=c.eps, norm=c.norm, steps=c.steps,
+                           step_size=one.step_size, x_init=random_start(xs, c.norm, c.eps))
 
             def after_restart(r, best, fooled):
                 if r in attacks:

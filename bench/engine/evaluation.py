@@ -6,12 +6,15 @@ An evaluation is identified by (checkpoint, attack, attack config + implementati
 adversary-library revision + protocol, sample indices, seed); one that is already stored is
 skipped unless `force`. Each
 batch of an attack starts from the RNG state `batch_seed(seed, first index)`, so a result does
-not depend on what ran before it. Robust accuracy under all attacks is the per-sample AND
+not depend on what ran before it; the batch size therefore decides the draws ("auto": sized to
+the device by `auto_batch_size`, deterministically) and, with the fast path's precision, is recorded
+in every evaluation's provenance. Robust accuracy under all attacks is the per-sample AND
 (`Store.sample_matrix(...).worst_case()`), never the minimum of per-attack accuracies.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -32,6 +35,7 @@ from bench.core.rng import batch_seed, fork_rng
 from bench.core.threat import BALL_TOLERANCE, ThreatModel, perturbation_norms
 from bench.engine.checkpoint import load_model, sha256_file, stored_path
 from bench.engine.counting import count_passes
+from bench.engine.fastpath import FastPath
 from bench.engine.pretrained import Pretrained
 from bench.engine.provenance import provenance
 from bench.engine.trainer import train
@@ -41,6 +45,10 @@ from bench.store.schema import Evaluation
 CLEAN = "clean"
 PROTOCOL = 2  # 2: per-batch seeding. Part of every evaluation's identity: bump it when results change.
 TRACE_POINTS = 200  # a stored loss trace is thinned to at most this many points
+CPU_BATCH = 256         # "auto" on the CPU
+MAX_AUTO_BATCH = 2000   # "auto" on CUDA: at most this, in multiples of 100 ...
+MEMORY_FRACTION = 0.4   # ... whose estimated attack memory fits in this fraction of the GPU's
+ACTIVATION_FACTOR = 4   # attack memory per sample / bytes of one forward's module outputs (backward, buffers)
 
 
 @dataclass(frozen=True)
@@ -166,6 +174,35 @@ def run_attack(model: nn.Module, attack: Attack | None, x: torch.Tensor, y: torc
                         _mean_trace(traces, sizes), forward, backward, seconds)
 
 
+def check_batch_size(value, what: str) -> int | str:
+    """`value` when it is an integer >= 1 or "auto", else a BenchError."""
+    if value != "auto" and (type(value) is not int or value < 1):
+        raise BenchError(f"{what} must be an integer >= 1 or \"auto\", got {value!r}")
+    return value
+
+
+def auto_batch_size(model: nn.Module, input_shape, device: torch.device) -> int:
+    """The evaluation batch for "auto": on the CPU 256; on CUDA the largest multiple of 100 (at most
+    2,000, at least 1) whose estimated attack memory, ACTIVATION_FACTOR × the bytes of the module
+    outputs of one forward pass per sample, fits in MEMORY_FRACTION of the GPU's total memory. It
+    depends on the architecture and the GPU model only (never on free memory), so reruns on the
+    same kind of GPU batch, and therefore seed, alike."""
+    if device.type != "cuda":
+        return CPU_BATCH
+    outputs = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out.numel() * out.element_size()))
+             for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(torch.zeros(1, *input_shape, device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    per_sample = ACTIVATION_FACTOR * max(sum(outputs), 1)
+    fits = int(MEMORY_FRACTION * torch.cuda.get_device_properties(device).total_memory // per_sample)
+    return max(1, min(MAX_AUTO_BATCH, fits // 100 * 100 or fits))
+
+
 def _mean_trace(traces: list[list[float]], sizes: list[int]) -> list[float] | None:
     """The per-iterate mean loss over all samples, when every batch traced the same number of iterates."""
     if not traces or len(traces) != len(sizes) or len({len(t) for t in traces}) != 1 or not traces[0]:
@@ -187,10 +224,12 @@ class Evaluator:
     ones. The checkpoint is registered in the store by its sha256 (`checkpoint_id`)."""
 
     def __init__(self, store: Store, checkpoint: str | Path, data: Dataset, *, seed: int = 0,
-                 batch_size: int = 256, device: torch.device | str = "cpu", force: bool = False,
-                 checkpoint_root: str | Path = "checkpoints", log: Callable[[str], None] = print):
+                 batch_size: int | str = "auto", device: torch.device | str = "cpu", force: bool = False,
+                 checkpoint_root: str | Path = "checkpoints", log: Callable[[str], None] = print,
+                 fast: FastPath | None = None):
         self.store, self.checkpoint, self.data, self.seed = store, str(checkpoint), data, seed
-        self.batch_size, self.device, self.force, self.log = batch_size, torch.device(device), force, log
+        self.device, self.force, self.log = torch.device(device), force, log
+        self.fast = FastPath.default(self.device) if fast is None else fast
         model, meta = load_model(checkpoint)
         if meta["dataset"] != data.name:
             raise BenchError(f"checkpoint {self.checkpoint!r} was trained on {meta['dataset']!r}, not {data.name!r}")
@@ -198,15 +237,29 @@ class Evaluator:
             raise BenchError(f"checkpoint {self.checkpoint!r} was trained on {data.name!r} with options "
                              f"{meta.get('dataset_options', {})}, not {data.options}")
         self.model, self.meta = model.to(self.device), meta
+        if self.fast.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.batch_size = auto_batch_size(self.model, data.input_shape, self.device) if batch_size == "auto" \
+            else batch_size
         self.threat = ThreatModel(meta["norm"], meta["eps"])
         self.sha = sha256_file(checkpoint)
         self.checkpoint_id = store.register_checkpoint(
             self.sha, stored_path(checkpoint, checkpoint_root), provenance(self.device, {"checkpoint": self.checkpoint}, seed))
         spec = meta["model_spec"]
         self.pretrained = Pretrained(data, store, Path(checkpoint_root), self.device, self.threat, spec["name"],
-                                     spec.get("kwargs", {}), None, seed, trainer=train)
+                                     spec.get("kwargs", {}), None, seed, trainer=functools.partial(train, fast=self.fast))
         self._prepared: set[int] = set()
         self.fresh: set[int] = set()  # ids of the evaluations this evaluator computed (reused even under force)
+
+    def backends(self):
+        """The context every model pass of this evaluator runs in: the fast path's precision and
+        cudnn.benchmark (see `bench.engine.fastpath`)."""
+        return self.fast.backends(self.device)
+
+    def settings(self) -> dict:
+        """What decides this evaluator's results besides the identity (provenance): batch and precision."""
+        return {"batch_size": self.batch_size, "precision": self.fast.precision,
+                "channels_last": self.fast.channels_last, "cudnn_benchmark": self.fast.cudnn_benchmark}
 
     @property
     def computed(self) -> int:
@@ -253,7 +306,7 @@ class Evaluator:
                            old.backward_passes, old.seconds, True, old.evaluation_id)
         if attack is not None:
             self.prepare(attack)
-        with fork_rng(self.device):
+        with fork_rng(self.device), self.backends():
             result = run_attack(self.model, attack, samples.x, samples.y, self.batch_size, self.seed)
         diagnostics = {}
         if attack is not None:
@@ -281,7 +334,7 @@ class Evaluator:
                          diagnostics=diagnostics,
                          **provenance(self.device, {"attack": attack_name, "params": params,
                                                     "checkpoint": self.checkpoint, "protocol": PROTOCOL,
-                                                    "adversary": adversary.REVISION}, self.seed))
+                                                    "adversary": adversary.REVISION, **self.settings()}, self.seed))
         evaluation_id = self.store.save_evaluation(row, samples.indices, result.correct.tolist(),
                                                    None if result.norms is None else result.norms.tolist(),
                                                    result.losses.tolist())

@@ -81,7 +81,7 @@ def run_checks(evaluator: "Evaluator", samples: "SampleSet") -> dict[str, CheckR
     results = {}
     for name in names:
         try:
-            with fork_rng(evaluator.device):
+            with fork_rng(evaluator.device), evaluator.backends():
                 torch.manual_seed(evaluator.seed)
                 results[name] = CHECKS.get(name)().run(ctx)
         except Exception as exc:  # a broken check must not hide the others: it is recorded as not run

@@ -13,6 +13,7 @@ import torch
 from bench.core.data import Dataset
 from bench.engine.curves import CurveSettings, compute_curves
 from bench.engine.evaluation import CLEAN, AttackSpec, Evaluator, Outcome
+from bench.engine.fastpath import FastPath
 from bench.engine.sanity import run_checks
 from bench.store import Store
 
@@ -30,17 +31,17 @@ class CheckpointReport:
 
 
 def evaluate_checkpoint(store: Store, checkpoint: str | Path, data: Dataset, specs: Sequence[AttackSpec], *,
-                        n_samples: int | None = None, seed: int = 0, batch_size: int = 256,
+                        n_samples: int | None = None, seed: int = 0, batch_size: int | str = "auto",
                         device: torch.device | str = "cpu", force: bool = False, curves: CurveSettings | None = None,
                         sanity: bool = False, checkpoint_root: str | Path = "checkpoints",
-                        log: Callable[[str], None] = print) -> CheckpointReport:
+                        log: Callable[[str], None] = print, fast: FastPath | None = None) -> CheckpointReport:
     """Evaluate one checkpoint: clean, then `specs` in order, then the curves (`CurveSettings`, or
-    None for none), then (with `sanity`) the sanity checks."""
+    None for none), then (with `sanity`) the sanity checks; `fast`: the device's fast path by default."""
     attacks = [(spec, spec.build()) for spec in specs]  # validate every spec before any work
     for _, attack in attacks:
         attack.threat.check_for(data.input_shape)
     evaluator = Evaluator(store, checkpoint, data, seed=seed, batch_size=batch_size, device=device, force=force,
-                          checkpoint_root=checkpoint_root, log=log)
+                          checkpoint_root=checkpoint_root, log=log, fast=fast)
     samples = evaluator.samples(n_samples)
     outcomes = [evaluator.evaluate(CLEAN, CLEAN, None, samples)]
     outcomes += [evaluator.evaluate(spec.label, spec.attack, attack, samples) for spec, attack in attacks]

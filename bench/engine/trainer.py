@@ -15,8 +15,11 @@ whose checkpoint files changed after training is refused with both hashes, never
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -34,13 +37,16 @@ from bench.core.errors import BenchError
 from bench.core.models import build_model, eval_mode
 from bench.core.rng import epoch_seed
 from bench.core.threat import ThreatModel
-from bench.engine.checkpoint import (FORMAT_VERSION, STATE_FORMAT, atomic_copy, atomic_save, check_writable,
-                                     model_checkpoint, safe_load, sha256_file, stored_path)
+from bench.engine.checkpoint import (FORMAT_VERSION, STATE_FORMAT, Writer, atomic_copy, atomic_save, check_writable,
+                                     cpu_copy, model_checkpoint, safe_load, sha256_file, stored_path)
 from bench.engine.counting import PassCounter, count_passes
+from bench.engine.fastpath import FastPath, effective
 from bench.engine.pretrained import Pretrained
 from bench.engine.provenance import provenance, training_sources
 from bench.engine.runspec import RunSpec, TrainConfig, TrainResult, lr_at
 from bench.store import Store
+
+STAGED_BEST = "best.pt.next"  # an improved epoch's best.pt, until state.pt records it
 
 
 def validation_attack(threat: ThreatModel, steps: int) -> Callable:
@@ -67,9 +73,12 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 
 def train(spec: RunSpec, data: Dataset, *, store: Store, checkpoint_root: str | Path = "checkpoints",
-          device: torch.device | str = "cpu", force: bool = False, progress: bool = True) -> TrainResult:
-    """Train `spec` (or resume it, or skip it when complete) and record it in `store`."""
+          device: torch.device | str = "cpu", force: bool = False, progress: bool = True,
+          fast: FastPath | None = None) -> TrainResult:
+    """Train `spec` (or resume it, or skip it when complete) and record it in `store`; `fast`: the
+    fast path (default: the device's, `FastPath.default`), recorded in the run's provenance."""
     device = torch.device(device)
+    fast = FastPath.default(device) if fast is None else fast
     cfg, run_id = spec.train, spec.run_id
     directory = Path(checkpoint_root) / run_id
     state_path = directory / "state.pt"
@@ -79,22 +88,26 @@ def train(spec: RunSpec, data: Dataset, *, store: Store, checkpoint_root: str | 
     spec.threat.check_for(data.input_shape)
     check_writable(directory)
     sources = training_sources(type(defense))
+    runs = effective(fast, defense.double_backward)
     torch.manual_seed(spec.seed)
     model = build_model(spec.model, num_classes=data.num_classes, input_shape=data.input_shape,
                         mean=data.mean, std=data.std, **spec.model_params).to(device)
+    fast.prepare(model, double_backward=defense.double_backward, log=print if progress else lambda _: None)
     optimizer = _optimizer(cfg, model)
     steps_per_epoch = math.ceil(len(data.train_x) / cfg.batch_size)
     ctx = TrainContext(threat=spec.threat, num_classes=data.num_classes, input_shape=data.input_shape,
                        epochs=cfg.epochs, device=device,
                        optimizer=optimizer, steps_per_epoch=steps_per_epoch,
                        pretrained=Pretrained(data, store, Path(checkpoint_root), device, spec.threat, spec.model,
-                                             spec.model_params, cfg, spec.seed, progress, trainer=train,
+                                             spec.model_params, cfg, spec.seed, progress,
+                                             trainer=functools.partial(train, fast=fast),
                                              dependency_train=spec.pretrained_train)
                        .asked_by(f"defense {spec.defense!r}", defense.pretrained_defenses))
     defense.setup(model, ctx)
 
     state = {"epoch": 0, "best_epoch": None, "best_score": -1.0, "forward": 0, "backward": 0,
              "train_seconds": 0.0, "samples": 0, "log": []}
+    hashes: dict[str, str] = {}
     if state_path.exists() and not force:
         saved = safe_load(state_path, STATE_FORMAT)
         if saved["run_id"] != run_id:
@@ -103,8 +116,10 @@ def train(spec: RunSpec, data: Dataset, *, store: Store, checkpoint_root: str | 
         optimizer.load_state_dict(saved["optimizer"])
         defense.load_state_dict(saved["defense"])
         state.update(saved["progress"])
+        recover(directory, saved)
+        hashes.update(saved.get("files") or {})
         _check_resumable(spec, saved, sources, directory, complete=state["epoch"] >= cfg.epochs, log=progress)
-    prov = provenance(device, config, spec.seed)
+    prov = provenance(device, {**config, "fast_path": runs.record()}, spec.seed)
     _sync_store(store, spec, run_id, state, directory, prov)
     if state["epoch"] >= cfg.epochs:
         return TrainResult(run_id, directory, state["epoch"], trained_now=False)
@@ -115,60 +130,132 @@ def train(spec: RunSpec, data: Dataset, *, store: Store, checkpoint_root: str | 
     counter = PassCounter(state["forward"], state["backward"])
     total_steps = steps_per_epoch * cfg.epochs
     use_amp = cfg.amp and device.type == "cuda"
+    writer = Writer(fast.background_checkpoints)
+    name = spec.label or spec.defense
 
-    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
-        ctx.epoch = epoch
-        defense.on_epoch_start(epoch, ctx)
-        generator = torch.Generator(device=device).manual_seed(epoch_seed(spec.seed, epoch))
-        torch.manual_seed(epoch_seed(spec.seed, epoch) + 1)
-        order = torch.randperm(len(data.train_x), generator=generator, device=device)
-        start, loss_sum, seen = time.perf_counter(), 0.0, 0
-        bar = tqdm(range(steps_per_epoch), desc=f"{spec.label or spec.defense} {epoch}/{cfg.epochs}",
-                   leave=False, disable=None if progress else True)
-        with count_passes(model, counter):
-            for i in bar:
-                idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-                x = augment_batch(data.train_x[idx], data.augment, generator)
-                y = data.train_y[idx]
-                ctx.step = (epoch - 1) * steps_per_epoch + i
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(cfg, ctx.step, total_steps)
-                model.train()
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    loss = defense.training_step(model, x, y, ctx)
-                if not torch.isfinite(loss):
-                    store.fail_run(run_id, f"loss became {loss.item()} at epoch {epoch}, step {i + 1}")
-                    kept = f"the last good checkpoint (epoch {state['epoch']}) is kept in {directory}" \
-                        if state["epoch"] else "no checkpoint was written"
-                    raise BenchError(f"training {spec.label or spec.defense} diverged: loss became {loss.item()} at "
-                                     f"epoch {epoch}, step {i + 1}; {kept}. Lower the learning rate or check the defense's parameters")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                defense.on_step_end(model, ctx)
-                loss_sum += loss.item() * len(y)
-                seen += len(y)
-                if i % 10 == 0:
-                    bar.set_postfix(loss=f"{loss.item():.3f}")
-        seconds = time.perf_counter() - start
-        torch.manual_seed(epoch_seed(spec.seed, epoch) + 2)
-        clean = accuracy(model, val_x, val_y, 512)
-        robust = accuracy(model, val_x, val_y, 512, attack=val_attack)
-        state.update(epoch=epoch, forward=counter.forward, backward=counter.backward,
-                     train_seconds=state["train_seconds"] + seconds, samples=state["samples"] + seen)
-        score = robust if defense.selection_metric == "robust" else clean
-        improved = score > state["best_score"]
-        if improved:
-            state.update(best_epoch=epoch, best_score=score)
-        log = {"epoch": epoch, "loss": loss_sum / seen, "clean_acc": clean, "robust_acc": robust,
-               "lr": lr_at(cfg, ctx.step, total_steps), "seconds": seconds}
-        state["log"] = state["log"] + [log]
-        _save_epoch(directory, model, optimizer, defense, spec, run_id, state, config, improved, sources)
-        _sync_store(store, spec, run_id, state, directory, prov)
-        if progress:
-            print(f"  {spec.label or spec.defense} epoch {epoch}/{cfg.epochs}: loss {log['loss']:.4f}  "
-                  f"val clean {clean:.1%}  val PGD-{cfg.val_steps} {robust:.1%}  {seconds:.1f}s", flush=True)
+    try:
+        with fast.backends(device):
+            for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+                ctx.epoch = epoch
+                defense.on_epoch_start(epoch, ctx)
+                generator = torch.Generator(device=device).manual_seed(epoch_seed(spec.seed, epoch))
+                torch.manual_seed(epoch_seed(spec.seed, epoch) + 1)
+                order = torch.randperm(len(data.train_x), generator=generator, device=device)
+                start, monitor = time.perf_counter(), LossMonitor(device)
+                bar = tqdm(range(steps_per_epoch), desc=f"{name} {epoch}/{cfg.epochs}",
+                           leave=False, disable=None if progress else True)
+                with count_passes(model, counter):
+                    try:
+                        for i in bar:
+                            x, y = training_batch(data, order, i, cfg.batch_size, generator)
+                            ctx.step = (epoch - 1) * steps_per_epoch + i
+                            for group in optimizer.param_groups:
+                                group["lr"] = lr_at(cfg, ctx.step, total_steps)
+                            monitor.add(optimization_step(model, defense, x, y, ctx, optimizer, use_amp), len(y), i)
+                            if (i + 1) % fast.sync_every == 0 or i + 1 == steps_per_epoch:
+                                monitor.check()
+                                bar.set_postfix(loss=f"{monitor.last:.3f}", refresh=False)
+                    except Exception as exc:  # a defense failing on the weights a non-finite loss left
+                        if isinstance(exc, _Diverged) or monitor.diverged() is None:
+                            raise
+                        monitor.check()
+                seconds = time.perf_counter() - start
+                torch.manual_seed(epoch_seed(spec.seed, epoch) + 2)
+                clean = accuracy(model, val_x, val_y, 512)
+                robust = accuracy(model, val_x, val_y, 512, attack=val_attack)
+                state.update(epoch=epoch, forward=counter.forward, backward=counter.backward,
+                             train_seconds=state["train_seconds"] + seconds, samples=state["samples"] + monitor.samples)
+                score = robust if defense.selection_metric == "robust" else clean
+                improved = score > state["best_score"]
+                if improved:
+                    state.update(best_epoch=epoch, best_score=score)
+                log = {"epoch": epoch, "loss": monitor.mean(), "clean_acc": clean, "robust_acc": robust,
+                       "lr": lr_at(cfg, ctx.step, total_steps), "seconds": seconds}
+                state["log"] = state["log"] + [log]
+                snapshot = _snapshot(model, optimizer, defense, spec, run_id, state, config)
+                writer.submit(functools.partial(_write_epoch, directory, snapshot, run_id, config, improved, sources,
+                                                hashes, store, spec, prov))
+                if progress:
+                    print(f"  {name} epoch {epoch}/{cfg.epochs}: loss {log['loss']:.4f}  "
+                          f"val clean {clean:.1%}  val PGD-{cfg.val_steps} {robust:.1%}  {seconds:.1f}s", flush=True)
+    except _Diverged as bad:
+        writer.wait()  # the last good epoch's files and rows first
+        store.fail_run(run_id, f"loss became {bad.value} at epoch {ctx.epoch}, step {bad.step + 1}")
+        kept = f"the last good checkpoint (epoch {state['epoch']}) is kept in {directory}" \
+            if state["epoch"] else "no checkpoint was written"
+        raise BenchError(f"training {name} diverged: loss became {bad.value} at epoch {ctx.epoch}, step {bad.step + 1}; "
+                         f"{kept}. Lower the learning rate or check the defense's parameters") from None
+    except BaseException:
+        writer.wait(raise_error=False)  # the write in flight finishes; the original error is the one raised
+        raise
+    writer.wait()
     return TrainResult(run_id, directory, state["epoch"], trained_now=True)
+
+
+def training_batch(data: Dataset, order: torch.Tensor, i: int, batch_size: int,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch `i` of an epoch's `order`, augmented on the data's device."""
+    idx = order[i * batch_size:(i + 1) * batch_size]
+    return augment_batch(data.train_x[idx], data.augment, generator), data.train_y[idx]
+
+
+def optimization_step(model: nn.Module, defense: Defense, x: torch.Tensor, y: torch.Tensor, ctx: TrainContext,
+                      optimizer: torch.optim.Optimizer, amp: bool) -> torch.Tensor:
+    """One step of `defense`: its loss in train mode (bf16 autocast with `amp`), backward, the
+    optimizer step, `on_step_end`. Returns the loss, on the device (reading it would wait for it)."""
+    model.train()
+    with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp):
+        loss = defense.training_step(model, x, y, ctx)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    defense.on_step_end(model, ctx)
+    return loss
+
+
+class _Diverged(Exception):
+    def __init__(self, step: int, value: float):
+        super().__init__(step, value)
+        self.step, self.value = step, value
+
+
+class LossMonitor:
+    """An epoch's loss sum (float64, as a Python float would sum it) and its first non-finite loss,
+    kept on the device: reading them (`check`, `mean`) is the only host-device sync, so the
+    training loop need not wait for the GPU at every step."""
+
+    def __init__(self, device: torch.device):
+        self.total = torch.zeros((), dtype=torch.float64, device=device)
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_value = torch.zeros((), device=device)
+        self.latest = self.total
+        self.samples = 0
+
+    def add(self, loss: torch.Tensor, n: int, step: int) -> None:
+        loss = loss.detach()
+        self.total += loss.double() * n
+        first = (self.bad_step < 0) & ~torch.isfinite(loss)
+        self.bad_step = torch.where(first, step, self.bad_step)
+        self.bad_value = torch.where(first, loss.float(), self.bad_value)
+        self.latest, self.samples = loss, self.samples + n
+
+    def diverged(self) -> tuple[int, float] | None:
+        """(step, loss) of the first non-finite loss so far, or None."""
+        step = int(self.bad_step)
+        return None if step < 0 else (step, float(self.bad_value))
+
+    def check(self) -> None:
+        """Raise `_Diverged` when a loss so far was not finite."""
+        bad = self.diverged()
+        if bad is not None:
+            raise _Diverged(*bad)
+
+    @property
+    def last(self) -> float:
+        return float(self.latest)
+
+    def mean(self) -> float:
+        return float(self.total) / self.samples
 
 
 def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -178,21 +265,50 @@ def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _save_epoch(directory: Path, model, optimizer, defense, spec: RunSpec, run_id: str, state: dict,
-                config: dict, improved: bool, sources: dict) -> None:
-    """last.pt, then best.pt (a byte copy, so equal checkpoints share a sha256), then state.pt
-    with their hashes: a kill at any point leaves a consistent, resumable set."""
-    ckpt = model_checkpoint(model, run_id=run_id, epoch=state["epoch"], dataset=spec.dataset,
-                            dataset_options=config["dataset_options"], norm=spec.threat.norm, eps=spec.threat.eps)
-    atomic_save(ckpt, directory / "last.pt")
+def _snapshot(model, optimizer, defense, spec: RunSpec, run_id: str, state: dict, config: dict) -> dict:
+    """CPU copies of what the epoch's files hold, taken now: training goes on changing the originals
+    while a background writer saves them."""
+    return {"checkpoint": model_checkpoint(model, run_id=run_id, epoch=state["epoch"], dataset=spec.dataset,
+                                           dataset_options=config["dataset_options"], norm=spec.threat.norm,
+                                           eps=spec.threat.eps),
+            "optimizer": cpu_copy(optimizer.state_dict()), "defense": cpu_copy(defense.state_dict()),
+            "progress": copy.deepcopy(state)}
+
+
+def _write_epoch(directory: Path, snapshot: dict, run_id: str, config: dict, improved: bool, sources: dict,
+                 hashes: dict, store: Store, spec: RunSpec, prov: dict) -> None:
+    """last.pt; then, when the epoch improved, best.pt staged as best.pt.next (a byte copy, so equal
+    checkpoints share a sha256); then state.pt with both files' sha256 (the commit point); then
+    the staged file moved in place; then the store. Each file's sha256 is computed once, as it is
+    written (`hashes`, updated). A kill at any point leaves a consistent, resumable set: `recover`
+    moves in a staged best.pt that state.pt records and drops one it does not."""
+    ckpt = snapshot["checkpoint"]
+    hashes["last"] = atomic_save(ckpt, directory / "last.pt", digest=True)
     if improved:
-        atomic_copy(directory / "last.pt", directory / "best.pt")
-    files = {kind: sha256_file(directory / f"{kind}.pt") for kind in ("last", "best")}
+        atomic_copy(directory / "last.pt", directory / STAGED_BEST)
+        hashes["best"] = hashes["last"]
     atomic_save({"format": STATE_FORMAT, "version": FORMAT_VERSION, "run_id": run_id,
                  "config": json.dumps(config, sort_keys=True, default=list),
-                 "model": ckpt["state_dict"], "optimizer": optimizer.state_dict(),
-                 "defense": defense.state_dict(), "progress": state, "files": files, "sources": sources},
+                 "model": ckpt["state_dict"], "optimizer": snapshot["optimizer"],
+                 "defense": snapshot["defense"], "progress": snapshot["progress"], "files": dict(hashes),
+                 "sources": sources},
                 directory / "state.pt")
+    if improved:
+        os.replace(directory / STAGED_BEST, directory / "best.pt")
+    _sync_store(store, spec, run_id, snapshot["progress"], directory, prov, hashes)
+
+
+def recover(directory: Path, saved: dict) -> None:
+    """Finish the writes of an epoch a kill interrupted: a staged best.pt that state.pt records is
+    moved in place, one it does not record (written before the kill reached state.pt) removed. Only
+    the trainer of the run calls it (a worker holding its job's lease): a concurrent writer's staged
+    file is never touched."""
+    staged = directory / STAGED_BEST
+    if staged.exists():
+        if sha256_file(staged) == (saved.get("files") or {}).get("best"):
+            os.replace(staged, directory / "best.pt")
+        else:
+            staged.unlink()
 
 
 def _check_resumable(spec: RunSpec, saved: dict, sources: dict, directory: Path, *, complete: bool,
@@ -214,8 +330,12 @@ def _check_resumable(spec: RunSpec, saved: dict, sources: dict, directory: Path,
 
 
 def _check_files(saved: dict, directory: Path) -> None:
+    """BenchError unless each file is the one state.pt records (a best.pt it records may still be
+    staged: `recover` moves it in place when the run is next trained)."""
     for kind, digest in (saved.get("files") or {}).items():
         path = directory / f"{kind}.pt"
+        if kind == "best" and (directory / STAGED_BEST).exists() and sha256_file(directory / STAGED_BEST) == digest:
+            continue
         actual = sha256_file(path) if path.exists() else "missing"
         if actual != digest:
             raise BenchError(f"{path} has sha256 {actual[:16]}, but training wrote {digest[:16]}: the file changed "
@@ -224,7 +344,7 @@ def _check_files(saved: dict, directory: Path) -> None:
 
 def verify_checkpoints(spec: RunSpec, checkpoint_root: str | Path) -> None:
     """BenchError when a complete run's best.pt or last.pt is not the file its training wrote (a
-    check before any work; a run not trained yet, or still training, passes)."""
+    check before any work, changing nothing; a run not trained yet, or still training, passes)."""
     state_path = Path(checkpoint_root) / spec.run_id / "state.pt"
     if state_path.exists():
         saved = safe_load(state_path, STATE_FORMAT)
@@ -232,9 +352,10 @@ def verify_checkpoints(spec: RunSpec, checkpoint_root: str | Path) -> None:
             _check_files(saved, state_path.parent)
 
 
-def _sync_store(store: Store, spec: RunSpec, run_id: str, state: dict, directory: Path, prov: dict) -> None:
+def _sync_store(store: Store, spec: RunSpec, run_id: str, state: dict, directory: Path, prov: dict,
+                hashes: dict | None = None) -> None:
     """Write the run, its epoch log and its checkpoints as the state on disk says (so a lost or
-    new database is rebuilt from the checkpoint folder)."""
+    new database is rebuilt from the checkpoint folder); `hashes`: the files' sha256 when known."""
     samples = state["samples"]
     fields = {"label": spec.label, "defense": spec.defense, "dataset": spec.dataset,
               "model": spec.model, "norm": spec.threat.norm, "eps": spec.threat.eps, "epochs": spec.train.epochs,
@@ -247,5 +368,6 @@ def _sync_store(store: Store, spec: RunSpec, run_id: str, state: dict, directory
     for kind, epoch in (("last", state["epoch"]), ("best", state["best_epoch"])):
         path = directory / f"{kind}.pt"
         if epoch is not None and path.exists():
-            checkpoints[kind] = (stored_path(path, directory.parent), sha256_file(path), epoch)
+            sha = hashes[kind] if hashes and kind in hashes else sha256_file(path)
+            checkpoints[kind] = (stored_path(path, directory.parent), sha, epoch)
     store.sync_run(run_id, fields, state["log"], checkpoints, prov)
