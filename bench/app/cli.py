@@ -173,17 +173,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("perf", help="benchmarks that print figures")
     what = p.add_subparsers(dest="what", required=True, parser_class=Parser)
+    q = what.add_parser("train", help="img/s of one defense's training step: the fast path next to the textbook "
+                                      "loop, in the same run")
+    q.add_argument("--defense", default="pgd_at")
+    q.add_argument("--set", action="append", metavar="KEY=VALUE", help="defense parameter (repeatable)")
+    q.add_argument("--model", default="preact_resnet18")
+    q.add_argument("--model-param", action="append", metavar="KEY=VALUE", help="model parameter (repeatable)")
+    q.add_argument("--shape", default="3x32x32", help="input shape CxHxW (default: CIFAR's 3x32x32)")
+    q.add_argument("--batch-size", type=count(1), default=None, help="default: 128 on CUDA, 16 on the CPU")
+    q.add_argument("--steps", type=count(1), default=None, help="timed steps per round (default: 20 on CUDA, 2 on the CPU)")
+    q.add_argument("--rounds", type=count(1), default=None, help="alternating rounds per loop, the fastest kept "
+                   "(default: 3 on CUDA, 2 on the CPU)")
+    q.add_argument("--warmup", type=count(0), default=None, help="untimed steps per loop first (default: 5 on CUDA, "
+                   "1 on the CPU)")
+    q.add_argument("--data-dir", default=None, help="where CIFAR-10 is (used when present, never downloaded)")
+    q.add_argument("--device", default=None)
+    _fast_option(q)
     q = what.add_parser("eval", help="seconds and passes per attack, side by side with torchattacks")
     q.add_argument("--checkpoint", default=None, help="model checkpoint (default: a PGD-trained small CNN on digits, "
                    "trained once into --checkpoints)")
-    q.add_argument("--attack", action="append", metavar="NAME", help="attack to time (repeatable; default: all that "
-                   "torchattacks also has)")
+    q.add_argument("--attack", action="append", metavar="[LABEL=]NAME[:k=v,...]",
+                   help="attack to time (repeatable; default: all that torchattacks also has; parameters only with "
+                        "--against fp32 or none)")
+    q.add_argument("--against", default="torchattacks", choices=["torchattacks", "fp32", "none"],
+                   help="what ours is timed against: torchattacks' equivalent, our fp32 reference path (speed-up and "
+                        "per-sample agreement), or nothing")
+    q.add_argument("--model", default=None, help="time on this architecture trained --train-epochs epochs of PGD-AT at "
+                   "--shape (instead of the digits model)")
+    q.add_argument("--model-param", action="append", metavar="KEY=VALUE", help="model parameter (repeatable)")
+    q.add_argument("--shape", default=None, help="input shape CxHxW for --model (default 3x32x32)")
+    q.add_argument("--train-epochs", type=count(1), default=1, help="epochs of PGD-AT for --model (default: 1)")
+    q.add_argument("--batch-size", type=batch_size, default="auto", help="batch of --against fp32/none (default: auto)")
     q.add_argument("--n-samples", type=count(1), default=256, help="test samples attacked (default: 256)")
     q.add_argument("--repeats", type=count(1), default=3, help="runs of each attack; the fastest is shown (default: 3)")
     q.add_argument("--checkpoints", default="checkpoints")
     q.add_argument("--data-dir", default=None)
     q.add_argument("--device", default=None)
     q.add_argument("--db", default="results.db")
+    _fast_option(q)
 
     p = sub.add_parser("report", help="render the HTML leaderboard from the store")
     p.add_argument("--out", default="reports")
@@ -364,16 +391,74 @@ def cmd_report(args) -> None:
 
 
 def cmd_perf(args) -> None:
-    from bench.app.perf import DEFAULT_ATTACKS, load_reference, perf_eval
-    from bench.core.data import eval_indices
+    (perf_train_command if args.what == "train" else perf_eval_command)(args)
+
+
+def perf_train_command(args) -> None:
+    from bench.app.perf_train import describe, parse_shape, perf_data, perf_train
+    from bench.core.config import parse_assignments
+    from bench.core.defense import DEFENSES
+    from bench.core.models import model_params
 
     device = _device(args.device)
-    model, data, norm, eps = load_reference(args.checkpoint, args.checkpoints, args.db, args.data_dir, device)
+    fast = _fast(args, device)
+    cuda = device.type == "cuda"
+    shape = parse_shape(args.shape)
+    batch = args.batch_size or (128 if cuda else 16)
+    steps, rounds = args.steps or (20 if cuda else 2), args.rounds or (3 if cuda else 2)
+    warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    params, defense_params = parse_assignments(args.model_param), parse_assignments(args.set)
+    model_params(args.model, params)
+    DEFENSES.get(args.defense)(**defense_params)
+    data, source = perf_data(shape, batch * (2 + warmup + steps), args.data_dir)
+    print(describe(args.defense, args.model, shape, batch, device, fast, source, steps, rounds, warmup), flush=True)
+    perf_train(args.defense, args.model, params, data, batch_size=batch, steps=steps, warmup=warmup, rounds=rounds,
+               device=device, fast=fast, defense_params=defense_params)
+
+
+def perf_eval_command(args) -> None:
+    from bench.app.perf import DEFAULT_ATTACKS, load_reference, perf_eval, perf_ours, shape_spec
+    from bench.app.perf_train import parse_shape
+    from bench.core.config import parse_assignments
+    from bench.core.data import eval_indices
+    from bench.engine.evaluation import auto_batch_size
+    from bench.engine.provenance import device_name
+
+    device = _device(args.device)
+    fast = _fast(args, device)
+    specs = [parse_attack(a) for a in (args.attack or DEFAULT_ATTACKS)]
+    if args.against == "torchattacks" and any(spec.params or spec.label != spec.attack for spec in specs):
+        raise BenchError("--attack with a label or parameters needs --against fp32 or none (torchattacks' "
+                         "equivalents are configured by name)")
+    spec = None
+    if args.model is not None or args.shape is not None:
+        if args.checkpoint is not None:
+            raise BenchError("--checkpoint and --model/--shape exclude each other")
+        spec = shape_spec(args.model or "preact_resnet18", parse_assignments(args.model_param),
+                          parse_shape(args.shape or "3x32x32"), args.n_samples, args.train_epochs, args.data_dir, device)
+    model, data, norm, eps = load_reference(args.checkpoint, args.checkpoints, args.db, args.data_dir, device, spec)
     idx = torch.tensor(eval_indices(len(data.test_x), args.n_samples))
-    print(f"perf eval: {model.spec['name']} on {data.name}, {norm} eps={eps:g}, {len(idx)} samples, "
-          f"{args.repeats} repeats, {device}; torchattacks configured alike (paper budgets)")
-    perf_eval(model, data.test_x[idx], data.test_y[idx], norm, eps, data.num_classes,
-              names=args.attack or DEFAULT_ATTACKS, repeats=args.repeats, device=device)
+    x, y = data.test_x[idx], data.test_y[idx]
+    where = f"{device_name(device)}, torch {torch.__version__}" + (f", CUDA {torch.version.cuda}" if device.type == "cuda" else "")
+    trained = f", PGD-AT {args.train_epochs} epoch(s)" if spec is not None else ""
+    print(f"perf eval: {model.spec['name']}{trained} on {data.name} {'x'.join(map(str, data.input_shape))}, {norm} "
+          f"eps={eps:g}, {len(idx)} samples, {args.repeats} repeats, {where}")
+    if args.against == "torchattacks":
+        print("  torchattacks configured alike (paper budgets)")
+        perf_eval(model, x, y, norm, eps, data.num_classes, names=[spec.attack for spec in specs],
+                  repeats=args.repeats, device=device)
+        return
+    for spec in specs:
+        spec.params.setdefault("norm", norm)
+        spec.params.setdefault("eps", eps if spec.params["norm"] == norm else None)
+        if spec.params["eps"] is None:
+            raise BenchError(f"attack {spec.label!r} uses {spec.params['norm']}: give its eps")
+        spec.build()
+    batch = auto_batch_size(model.to(device), data.input_shape, device) if args.batch_size == "auto" else args.batch_size
+    print(f"  batch {batch}; fast path: " + " ".join(f"{k}={v}" for k, v in fast.record().items()
+                                                       if k in ("precision", "channels_last", "cudnn_benchmark"))
+          + ("; reference: precision=fp32 channels_last=False cudnn_benchmark=False" if args.against == "fp32" else ""))
+    perf_ours(model, x, y, specs, against=args.against, batch_size=batch, fast=fast, repeats=args.repeats, device=device)
 
 
 COMMANDS = {"list": cmd_list, "train": cmd_train, "eval": cmd_eval, "run": cmd_run, "plan": cmd_plan,

@@ -1,11 +1,19 @@
 """`python -m bench perf eval`: seconds and forward/backward passes per attack on a fixed model,
-side by side with torchattacks' equivalent configured alike, in the same run.
+side by side, in the same run, with what `--against` names:
 
-The fixed model is a PGD-trained small CNN on scikit-learn's digits (trained once into the
-checkpoint folder, like any run), or any model checkpoint given with `--checkpoint`. Each pair
-runs `repeats` times, ours and theirs alternating, on the same samples and seed; the table shows
-the fastest of the repeats. "s/pass" is seconds per (forward + backward) sample-pass: the
-speed of the implementation once the algorithms' different pass counts are factored out.
+- `torchattacks` (default): torchattacks' equivalent configured alike. "s/pass" is seconds per
+  (forward + backward) sample-pass: the speed of the implementation once the algorithms'
+  different pass counts are factored out;
+- `fp32`: the same attack on the fp32 reference path (IEEE fp32, NCHW, no cudnn.benchmark), ours
+  on the device's fast path (`--fast`), both batched and seeded as an evaluation is (`run_attack`):
+  the speed-up and the per-sample agreement of the robust verdicts;
+- `none`: ours alone (seconds, passes, samples per second).
+
+The fixed model is a PGD-trained small CNN on scikit-learn's digits, a model of `--model` trained
+`--train-epochs` epochs of PGD-AT at `--shape` (real CIFAR-10 when the shape is its and it is on disk,
+else random data of the shape; Linf 8/255), both trained once into the checkpoint folder like any
+run, or any model checkpoint given with `--checkpoint`. Each attack runs `repeats` times, the two
+sides alternating, on the same samples and seed; the table shows the fastest of the repeats.
 Accuracy is robust accuracy at eps for both (a minimum-norm attack's point counts only within eps).
 """
 
@@ -133,19 +141,110 @@ def perf_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str, eps
     return results
 
 
+def shape_spec(model: str, model_params: dict, shape: tuple[int, int, int], n_test: int, epochs: int,
+               data_dir: str | None, device: torch.device):
+    """The model of `--model` at `--shape`: PGD-AT (10 steps) for `epochs` epochs, Linf 8/255, Adam
+    1e-3 (learns in one epoch with or without BatchNorm; bf16 autocast on CUDA), on real CIFAR-10
+    when the shape is its and it is on disk, else on 10,000 random training images of the shape and
+    `n_test` test images (their classes lie far apart: nearly every sample stays robust, so every
+    attack spends its whole budget, the slowest case)."""
+    from bench.app.perf_train import CIFAR_SHAPE
+    from bench.core.data import load_dataset
+    from bench.core.threat import ThreatModel
+    from bench.engine.runspec import RunSpec, build_train_config
+
+    dataset, options = "synthetic", {"n_train": 10000, "n_val": 200, "n_test": n_test, "num_classes": 10,
+                                     "shape": list(shape)}
+    if tuple(shape) == CIFAR_SHAPE:
+        try:
+            load_dataset("cifar10", data_dir=data_dir, download=False)
+            dataset, options = "cifar10", {}
+        except BenchError:
+            pass
+    return RunSpec(defense="pgd_at", dataset=dataset, model=model, threat=ThreatModel("Linf", 8 / 255),
+                   train=build_train_config({"epochs": epochs, "batch_size": 128, "optimizer": "adam", "lr": 1e-3,
+                                             "weight_decay": 0.0, "schedule": "constant", "val_samples": 200,
+                                             "amp": device.type == "cuda"}),
+                   model_params=dict(model_params), dataset_options=options, seed=0, label="perf shape")
+
+
 def load_reference(checkpoint: str | None, checkpoint_root: str | Path, db: str, data_dir: str | None,
-                   device: torch.device):
-    """(model, dataset, norm, eps): the given checkpoint, or the reference model (trained if needed)."""
+                   device: torch.device, spec=None):
+    """(model, dataset, norm, eps): the given checkpoint, or the run `spec` (default: the digits
+    reference model), trained if needed."""
     from bench.core.data import load_dataset
     from bench.engine.checkpoint import load_model
     from bench.engine.trainer import train
     from bench.store import Store
 
     if checkpoint is None:
-        spec = reference_spec()
-        data = load_dataset(spec.dataset)
+        spec = spec or reference_spec()
+        data = load_dataset(spec.dataset, data_dir=data_dir, **spec.dataset_options)
         result = train(spec, data, store=Store(db), checkpoint_root=checkpoint_root, device=device)
         checkpoint = result.directory / "best.pt"
     model, meta = load_model(checkpoint)
     data = load_dataset(meta["dataset"], data_dir=data_dir, **meta.get("dataset_options", {}))
     return model, data, meta["norm"], meta["eps"]
+
+
+@dataclass
+class Side:
+    """One side of a comparison of ours: seconds, passes and per-sample robust verdicts."""
+
+    seconds: float
+    forward: int
+    backward: int
+    robust: torch.Tensor
+
+
+def _run_ours(model: nn.Module, spec, x, y, batch_size: int, seed: int, device: torch.device, fast) -> Side:
+    from bench.engine.evaluation import run_attack
+
+    attack = spec.build()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    with fast.backends(device):
+        result = run_attack(model, attack, x, y, batch_size, seed)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return Side(result.seconds, result.forward, result.backward, result.correct)
+
+
+def perf_ours(model: nn.Module, x: torch.Tensor, y: torch.Tensor, specs, *, against: str, batch_size: int,
+              fast, repeats: int = 1, seed: int = 0, device: torch.device = torch.device("cpu"),
+              log: Callable[[str], None] = print) -> dict[str, tuple[Side, Side | None]]:
+    """Time each attack (`AttackSpec`) on the fast path `fast`, alone (`against="none"`) or with the
+    fp32 reference path (`"fp32"`): same samples, batches and seeds. Returns label -> (fast, reference)."""
+    import copy
+
+    from bench.engine.fastpath import FastPath
+
+    x, y, n = x.to(device), y.to(device), len(x)
+    fast_model = copy.deepcopy(model).to(device).eval()
+    if fast.channels_last:
+        fast_model.to(memory_format=torch.channels_last)
+    reference_model, reference = copy.deepcopy(model).to(device).eval(), FastPath()
+    if against == "fp32":
+        log(f"{'attack':<14} {'fast s':>8} {'fp32 s':>8} {'speed-up':>8} {'f/b per sample':>15} {'acc fast':>9} "
+            f"{'fp32':>7} {'agree':>7}  disagreements (fast robust / fp32 robust)")
+    else:
+        log(f"{'attack':<14} {'seconds':>8} {'samples/s':>10} {'f/b per sample':>15} {'accuracy':>9}")
+    results = {}
+    for spec in specs:
+        runs = [], []
+        for _ in range(repeats):
+            runs[0].append(_run_ours(fast_model, spec, x, y, batch_size, seed, device, fast))
+            if against == "fp32":
+                runs[1].append(_run_ours(reference_model, spec, x, y, batch_size, seed, device, reference))
+        a = min(runs[0], key=lambda side: side.seconds)
+        b = min(runs[1], key=lambda side: side.seconds) if runs[1] else None
+        results[spec.label] = (a, b)
+        passes = f"{a.forward / n:7.1f}/{a.backward / n:<7.1f}"
+        if b is None:
+            log(f"{spec.label:<14} {a.seconds:8.2f} {n / a.seconds:10.1f} {passes:>15} {a.robust.float().mean().item():9.1%}")
+            continue
+        differ = a.robust != b.robust
+        log(f"{spec.label:<14} {a.seconds:8.2f} {b.seconds:8.2f} {b.seconds / a.seconds:7.2f}x {passes:>15} "
+            f"{a.robust.float().mean().item():9.1%} {b.robust.float().mean().item():7.1%} "
+            f"{1 - differ.float().mean().item():7.2%}  {int((differ & a.robust).sum())} / {int((differ & b.robust).sum())}")
+    return results

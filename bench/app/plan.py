@@ -59,19 +59,23 @@ def _digest(obj) -> str:
 
 class _Recorder(Pretrained):
     """A `Pretrained` that records the runs asked for and returns untrained models of their
-    architecture (what a plan needs to know, without training anything)."""
+    architecture on its device (what a plan, or a benchmark of a training step, needs, without
+    training anything)."""
 
     def __call__(self, defense: str = "natural", *, which: str = "best", **kwargs):
         spec = self.spec(defense, **kwargs)
         self.check_declared(defense)
         self.asked.append(spec)
         return build_model(spec.model, num_classes=self.data.num_classes, input_shape=self.data.input_shape,
-                           mean=self.data.mean, std=self.data.std, **spec.model_params).eval().requires_grad_(False)
+                           mean=self.data.mean, std=self.data.std, **spec.model_params
+                           ).to(self.device).eval().requires_grad_(False)
 
 
-def _recorder(data: Dataset, threat: ThreatModel, model: str, model_params: dict, train, seed: int,
-              asker: str, declared, dependency_train=None) -> _Recorder:
-    recorder = _Recorder(data, None, None, torch.device("cpu"), threat, model, dict(model_params), train, seed,
+def stand_ins(data: Dataset, threat: ThreatModel, model: str, model_params: dict, train, seed: int,
+              asker: str, declared, dependency_train=None, device: torch.device = torch.device("cpu")) -> _Recorder:
+    """A `ctx.pretrained` for `asker` that records the runs asked for (`.asked`) and returns
+    untrained models of their architectures on `device`."""
+    recorder = _Recorder(data, None, None, device, threat, model, dict(model_params), train, seed,
                          progress=False, trainer=None, dependency_train=dict(dependency_train or {})
                          ).asked_by(asker, declared)
     recorder.asked = []
@@ -83,7 +87,7 @@ def pretrained_runs_of_defense(spec: RunSpec, data: Dataset) -> list[RunSpec]:
     defense = DEFENSES.get(spec.defense)(**spec.defense_params)
     if not defense.pretrained_defenses:
         return []
-    recorder = _recorder(data, spec.threat, spec.model, spec.model_params, spec.train, spec.seed,
+    recorder = stand_ins(data, spec.threat, spec.model, spec.model_params, spec.train, spec.seed,
                          f"defense {spec.defense!r}", defense.pretrained_defenses, spec.pretrained_train)
     torch.manual_seed(spec.seed)
     model = build_model(spec.model, num_classes=data.num_classes, input_shape=data.input_shape, mean=data.mean,
@@ -102,7 +106,7 @@ def pretrained_runs_of_attack(attack_spec: AttackSpec, run: RunSpec, data: Datas
     attack = attack_spec.build()
     if not attack.pretrained_defenses:
         return []
-    recorder = _recorder(data, run.threat, run.model, run.model_params, None, seed, f"attack {attack.name!r}",
+    recorder = stand_ins(data, run.threat, run.model, run.model_params, None, seed, f"attack {attack.name!r}",
                          attack.pretrained_defenses)
     attack.prepare(EvalContext(data, torch.device("cpu"), recorder))
     return recorder.asked
