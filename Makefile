@@ -8,9 +8,12 @@ TORCH_VERSION ?= 2.13.0
 SUITE ?= suites/cifar10.toml
 DB ?= results.db
 DATA_DIR ?=
+# make bench trains on the GPU; without a usable CUDA device it stops with a one-line error
+# (DEVICE=cpu forces the CPU: days for cifar10.toml)
+DEVICE ?= cuda
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test test-slow demo bench report clean
+.PHONY: install test test-slow demo bench gpu-check report clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +36,12 @@ demo: install
 	$(PY) -m bench run --suite suites/demo.toml --db $(DB)
 
 bench: install
-	$(PY) -m bench run --suite $(SUITE) --db $(DB) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+	$(PY) -m bench run --suite $(SUITE) --db $(DB) --device $(DEVICE) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+
+# One GPU, at most 8 minutes: perf train and perf eval figures, fast path vs fp32 agreement,
+# written to gpu_check.md (see docs/performance.md).
+gpu-check: install
+	PY=$(PY) scripts/gpu_check.sh
 
 report: install
 	$(PY) -m bench report --db $(DB)

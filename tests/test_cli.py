@@ -102,6 +102,7 @@ def test_run_suite_end_to_end_then_nothing_to_do_then_force(tmp_path, monkeypatc
     index = tmp_path / "reports" / "index.html"
     assert f"report: {index.resolve()}" in out.splitlines()
     assert "[tiny] trained 3 run(s)" in out
+    assert out.index("[tiny] estimated wall time:") < out.index("[job ")  # before any work
     run_dirs = sorted((tmp_path / "checkpoints").iterdir())
     assert len(run_dirs) == 3
     for d in run_dirs:
@@ -135,6 +136,7 @@ def test_run_suite_end_to_end_then_nothing_to_do_then_force(tmp_path, monkeypatc
     rc, out, err = cli(capsys, "run", "--suite", TINY, "--device", "cpu")
     assert rc == 0, err
     assert "nothing to do" in out and "trained" not in out.replace("already trained", "")
+    assert "estimated wall time" not in out
     assert f"report: {index.resolve()}" in out.splitlines()
     assert files(tmp_path / "checkpoints") == before_files
     assert counts(db) == before_counts

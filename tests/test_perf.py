@@ -79,5 +79,5 @@ def test_bad_perf_input_is_one_line():
 
 def test_shape_model_spec_falls_back_to_random_data_of_the_shape(tmp_path):
     spec = shape_spec("preact_resnet18", {}, (3, 32, 32), 100, 1, str(tmp_path), torch.device("cpu"))
-    assert (spec.dataset, spec.dataset_options["shape"], spec.dataset_options["n_test"]) == ("synthetic", [3, 32, 32], 100)
+    assert (spec.dataset, spec.dataset_options["shape"], spec.dataset_options["n_test"]) == ("synthetic", [3, 32, 32], 1000)
     assert (spec.defense, spec.train.epochs, spec.threat.key) == ("pgd_at", 1, ThreatModel("Linf", 8 / 255).key)

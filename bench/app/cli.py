@@ -308,6 +308,7 @@ def _options(args, device: torch.device):
 
 
 def cmd_run(args) -> None:
+    from bench.app.progress import Progress, describe, estimate
     from bench.app.runner import execute, prepare
     from bench.app.suite import load_suite, load_suite_data
     from bench.store import Store
@@ -319,7 +320,13 @@ def cmd_run(args) -> None:
     options = _options(args, device)
     reports = None if args.no_report else str(Path(args.reports).resolve())
     among = prepare(suite, data, store, options, reports, args.force)
-    outcome = execute(store, among, options)
+    jobs = store.jobs(among)
+    monitor = None
+    if any(job.state != "done" and job.kind != "report" for job in jobs):
+        plan = estimate(jobs, data, store, device, _fast(args, device), options.workers)
+        print("\n".join(describe(suite.name, jobs, plan)), flush=True)
+        monitor = Progress(store, among, suite.name, plan)
+    outcome = execute(store, among, options, monitor=monitor)
     work = {kind: n for kind, n in outcome.ran.items() if kind != "report"}
     if work:
         print(f"[{suite.name}] trained {work.get('train', 0)} run(s), ran {sum(work.values()) - work.get('train', 0)} "
@@ -421,8 +428,13 @@ def perf_eval_command(args) -> None:
     from bench.app.perf_train import parse_shape
     from bench.core.config import parse_assignments
     from bench.core.data import eval_indices
+    from bench.core.attack import EvalContext
+    from bench.core.threat import ThreatModel
     from bench.engine.evaluation import auto_batch_size
+    from bench.engine.pretrained import Pretrained
     from bench.engine.provenance import device_name
+    from bench.engine.trainer import train
+    from bench.store import Store
 
     device = _device(args.device)
     fast = _fast(args, device)
@@ -458,7 +470,15 @@ def perf_eval_command(args) -> None:
     print(f"  batch {batch}; fast path: " + " ".join(f"{k}={v}" for k, v in fast.record().items()
                                                        if k in ("precision", "channels_last", "cudnn_benchmark"))
           + ("; reference: precision=fp32 channels_last=False cudnn_benchmark=False" if args.against == "fp32" else ""))
-    perf_ours(model, x, y, specs, against=args.against, batch_size=batch, fast=fast, repeats=args.repeats, device=device)
+    evaluator_like = Pretrained(data, Store(args.db), Path(args.checkpoints), device, ThreatModel(norm, eps),
+                                model.spec["name"], model.spec.get("kwargs", {}), None, 0, trainer=train)
+
+    def prepare(attack):  # as the evaluation does: a transfer surrogate is trained on demand (cached)
+        attack.prepare(EvalContext(data, device, evaluator_like.asked_by(f"attack {attack.name!r}",
+                                                                          attack.pretrained_defenses)))
+
+    perf_ours(model, x, y, specs, against=args.against, batch_size=batch, fast=fast, repeats=args.repeats,
+              device=device, prepare=prepare)
 
 
 COMMANDS = {"list": cmd_list, "train": cmd_train, "eval": cmd_eval, "run": cmd_run, "plan": cmd_plan,

@@ -146,14 +146,15 @@ def shape_spec(model: str, model_params: dict, shape: tuple[int, int, int], n_te
     """The model of `--model` at `--shape`: PGD-AT (10 steps) for `epochs` epochs, Linf 8/255, Adam
     1e-3 (learns in one epoch with or without BatchNorm; bf16 autocast on CUDA), on real CIFAR-10
     when the shape is its and it is on disk, else on 10,000 random training images of the shape and
-    `n_test` test images (their classes lie far apart: nearly every sample stays robust, so every
-    attack spends its whole budget, the slowest case)."""
+    max(`n_test`, 1,000) test images (so 1,000 and fewer samples share one model). Their classes lie
+    far apart: nearly every sample stays robust and every attack spends its whole budget, the
+    slowest case."""
     from bench.app.perf_train import CIFAR_SHAPE
     from bench.core.data import load_dataset
     from bench.core.threat import ThreatModel
     from bench.engine.runspec import RunSpec, build_train_config
 
-    dataset, options = "synthetic", {"n_train": 10000, "n_val": 200, "n_test": n_test, "num_classes": 10,
+    dataset, options = "synthetic", {"n_train": 10000, "n_val": 200, "n_test": max(n_test, 1000), "num_classes": 10,
                                      "shape": list(shape)}
     if tuple(shape) == CIFAR_SHAPE:
         try:
@@ -197,10 +198,9 @@ class Side:
     robust: torch.Tensor
 
 
-def _run_ours(model: nn.Module, spec, x, y, batch_size: int, seed: int, device: torch.device, fast) -> Side:
+def _run_ours(model: nn.Module, attack, x, y, batch_size: int, seed: int, device: torch.device, fast) -> Side:
     from bench.engine.evaluation import run_attack
 
-    attack = spec.build()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     with fast.backends(device):
@@ -212,9 +212,11 @@ def _run_ours(model: nn.Module, spec, x, y, batch_size: int, seed: int, device: 
 
 def perf_ours(model: nn.Module, x: torch.Tensor, y: torch.Tensor, specs, *, against: str, batch_size: int,
               fast, repeats: int = 1, seed: int = 0, device: torch.device = torch.device("cpu"),
+              prepare: Callable = lambda attack: None,
               log: Callable[[str], None] = print) -> dict[str, tuple[Side, Side | None]]:
     """Time each attack (`AttackSpec`) on the fast path `fast`, alone (`against="none"`) or with the
-    fp32 reference path (`"fp32"`): same samples, batches and seeds. Returns label -> (fast, reference)."""
+    fp32 reference path (`"fp32"`): same samples, batches and seeds; `prepare(attack)` gives an
+    attack what it needs first (a transfer surrogate). Returns label -> (fast, reference)."""
     import copy
 
     from bench.engine.fastpath import FastPath
@@ -231,11 +233,13 @@ def perf_ours(model: nn.Module, x: torch.Tensor, y: torch.Tensor, specs, *, agai
         log(f"{'attack':<14} {'seconds':>8} {'samples/s':>10} {'f/b per sample':>15} {'accuracy':>9}")
     results = {}
     for spec in specs:
+        attack = spec.build()
+        prepare(attack)
         runs = [], []
         for _ in range(repeats):
-            runs[0].append(_run_ours(fast_model, spec, x, y, batch_size, seed, device, fast))
+            runs[0].append(_run_ours(fast_model, attack, x, y, batch_size, seed, device, fast))
             if against == "fp32":
-                runs[1].append(_run_ours(reference_model, spec, x, y, batch_size, seed, device, reference))
+                runs[1].append(_run_ours(reference_model, attack, x, y, batch_size, seed, device, reference))
         a = min(runs[0], key=lambda side: side.seconds)
         b = min(runs[1], key=lambda side: side.seconds) if runs[1] else None
         results[spec.label] = (a, b)

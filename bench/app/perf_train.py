@@ -90,26 +90,31 @@ def peak_tflops(device: torch.device) -> tuple[str, float] | None:
     return next(((name, peak) for key, peak in PEAK_BF16_TFLOPS if key in name), None)
 
 
-class _Loop:
-    """One loop's model, optimizer and step function (`step(i)` runs optimization step i)."""
+class StepLoop:
+    """One loop's model, optimizer and step function (`step(i)` runs optimization step i): the
+    trainer's step on the fast path `fast` (with bf16 autocast when `amp`), or with `fast` None the
+    reference loop. The runs a defense trains on demand are untrained stand-ins."""
 
     def __init__(self, name: str, defense_name: str, defense_params: dict, model_name: str, model_params: dict,
-                 data: Dataset, batch_size: int, device: torch.device, fast: FastPath | None):
+                 data: Dataset, batch_size: int, device: torch.device, fast: FastPath | None, *,
+                 threat: ThreatModel = THREAT, train: TrainConfig | None = None, amp: bool | None = None,
+                 pretrained_train: dict | None = None):
         self.name, self.device, self.fast = name, device, fast
+        self.amp = device.type == "cuda" if amp is None else amp
+        train = train or TrainConfig()
         self.defense = DEFENSES.get(defense_name)(**defense_params)
         torch.manual_seed(0)
         self.model = build_model(model_name, num_classes=data.num_classes, input_shape=data.input_shape,
                                  mean=data.mean, std=data.std, **model_params).to(device)
-        self.optimizer = _optimizer(TrainConfig(), self.model)
+        self.optimizer = _optimizer(train, self.model)
         self.batch_size, self.steps_per_epoch = batch_size, max(1, len(data.train_x) // batch_size)
-        self.ctx = TrainContext(threat=THREAT, num_classes=data.num_classes, input_shape=data.input_shape,
-                                epochs=1, device=device, optimizer=self.optimizer,
+        self.ctx = TrainContext(threat=threat, num_classes=data.num_classes, input_shape=data.input_shape,
+                                epochs=train.epochs, device=device, optimizer=self.optimizer,
                                 steps_per_epoch=self.steps_per_epoch,
-                                pretrained=stand_ins(data, THREAT, model_name, model_params, TrainConfig(), 0,
+                                pretrained=stand_ins(data, threat, model_name, model_params, train, 0,
                                                      f"defense {defense_name!r}", self.defense.pretrained_defenses,
-                                                     device=device))
+                                                     pretrained_train, device=device))
         self.defense.setup(self.model, self.ctx)
-        self.cpu_data = data
         self.data = data.to(device) if fast is not None else data
         self.generator = torch.Generator(device=self.data.train_x.device).manual_seed(0)
         self.order = torch.randperm(len(data.train_x), generator=self.generator, device=self.data.train_x.device)
@@ -126,7 +131,7 @@ class _Loop:
         k = i % self.steps_per_epoch
         if self.fast is not None:
             x, y = training_batch(self.data, self.order, k, self.batch_size, self.generator)
-            loss = optimization_step(self.model, self.defense, x, y, self.ctx, self.optimizer, self.device.type == "cuda")
+            loss = optimization_step(self.model, self.defense, x, y, self.ctx, self.optimizer, self.amp)
             self.monitor.add(loss, len(y), i)
             if (i + 1) % self.fast.sync_every == 0:
                 self.monitor.check()
@@ -134,8 +139,9 @@ class _Loop:
         idx = self.order[k * self.batch_size:(k + 1) * self.batch_size]
         x, y = self.data.train_x[idx].to(self.device), self.data.train_y[idx].to(self.device)
         if self.textbook:
-            _textbook_pgd_at_step(self.model, self.optimizer, x, y, THREAT.eps, self.defense.config.steps,
-                                  self.defense.config.step_ratio * THREAT.eps)
+            eps = self.ctx.threat.eps
+            _textbook_pgd_at_step(self.model, self.optimizer, x, y, eps, self.defense.config.steps,
+                                  self.defense.config.step_ratio * eps)
         else:
             optimization_step(self.model, self.defense, x, y, self.ctx, self.optimizer, False).item()
 
@@ -188,7 +194,8 @@ def _textbook_pgd_at_step(model, optimizer, x, y, eps: float, steps: int, alpha:
     return loss.item()
 
 
-def _timed(loop: _Loop, first: int, steps: int) -> float:
+def timed(loop: StepLoop, first: int, steps: int) -> float:
+    """Seconds for steps first, ..., first + steps - 1 of `loop`, the device waited for."""
     if loop.device.type == "cuda":
         torch.cuda.synchronize(loop.device)
     start = time.perf_counter()
@@ -204,8 +211,8 @@ def perf_train(defense: str, model: str, model_params: dict, data: Dataset, *, b
     """Time the fast and the reference loop side by side; prints the table, returns name -> timing."""
     if len(data.train_x) < batch_size:
         raise BenchError(f"--batch-size {batch_size} is larger than the {len(data.train_x)} training images")
-    loops = [_Loop("fast", defense, defense_params or {}, model, model_params, data, batch_size, device, fast),
-             _Loop("reference", defense, defense_params or {}, model, model_params, data, batch_size, device, None)]
+    loops = [StepLoop("fast", defense, defense_params or {}, model, model_params, data, batch_size, device, fast),
+             StepLoop("reference", defense, defense_params or {}, model, model_params, data, batch_size, device, None)]
     flops = {}
     for loop in loops:
         with fast.backends(device) if loop.fast is not None else contextlib.nullcontext():
@@ -220,7 +227,7 @@ def perf_train(defense: str, model: str, model_params: dict, data: Dataset, *, b
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             with fast.backends(device) if loop.fast is not None else contextlib.nullcontext():
-                seconds = _timed(loop, step, n)
+                seconds = timed(loop, step, n)
             step += n
             if r > 0:
                 best[loop.name] = min(best[loop.name], seconds / n)

@@ -15,6 +15,7 @@ given the same device, CPU instruction set and intra-op thread count (`threads`)
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import uuid
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from bench.app.plan import plan_suite, run_spec
+from bench.app.progress import Progress
 from bench.app.suite import Suite
 from bench.app.worker import Worker, mark_stored_jobs_done, work
 from bench.core.data import Dataset
@@ -82,12 +84,27 @@ def prepare(suite: Suite, data: Dataset, store: Store, options: Options, reports
     return list(ids.values())
 
 
-def execute(store: Store, among: list[int], options: Options, progress: bool = True) -> Outcome:
-    """Run the jobs with the chosen backend until none can run any more; returns what happened."""
+def execute(store: Store, among: list[int], options: Options, progress: bool = True,
+            monitor: Progress | None = None) -> Outcome:
+    """Run the jobs with the chosen backend until none can run any more, `monitor` printing the
+    suite's progress meanwhile; returns what happened."""
     if options.backend not in BACKENDS:
         raise BenchError(f"unknown backend {options.backend!r}; accepted: {', '.join(BACKENDS)}")
     before = store.jobs(among)
     tag = f"run-{uuid.uuid4().hex[:8]}:"  # the owner names of this run's workers start with it
+    with monitor or contextlib.nullcontext():
+        _run_backend(store, among, options, progress, tag)
+    after = store.jobs(among)
+    ran: dict[str, int] = {}
+    for job in after:
+        if job.did_work and (job.done_by or "").startswith(tag):
+            ran[job.kind] = ran.get(job.kind, 0) + 1
+    failed = [(job.key, job.error or "") for job in after if job.state == "failed"]
+    return Outcome(len(after), sum(job.state == "done" for job in before), ran, failed,
+                   sum(job.state == "pending" for job in after))
+
+
+def _run_backend(store: Store, among: list[int], options: Options, progress: bool, tag: str) -> None:
     if options.backend == "local" and options.workers == 1:
         if options.threads is not None:
             torch.set_num_threads(options.threads)
@@ -101,14 +118,6 @@ def execute(store: Store, among: list[int], options: Options, progress: bool = T
         _ray(among, options, progress, tag)
     else:
         _slurm(among, options, progress, tag)
-    after = store.jobs(among)
-    ran: dict[str, int] = {}
-    for job in after:
-        if job.did_work and (job.done_by or "").startswith(tag):
-            ran[job.kind] = ran.get(job.kind, 0) + 1
-    failed = [(job.key, job.error or "") for job in after if job.state == "failed"]
-    return Outcome(len(after), sum(job.state == "done" for job in before), ran, failed,
-                   sum(job.state == "pending" for job in after))
 
 
 def _worker_args(among: list[int], options: Options, progress: bool, threads: int | None, device: str,
