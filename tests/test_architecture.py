@@ -108,3 +108,14 @@ def test_every_layer_is_a_visible_package():
     for package in ("core", "adversary", "store", "engine", "app", "checks"):
         assert (ROOT / "bench" / package / "__init__.py").is_file()
     assert {p.name for p in (ROOT / "bench").glob("*.py")} == {"__init__.py", "__main__.py"}
+
+
+def test_only_the_store_speaks_sql():
+    """One persistence boundary: no module outside bench.store imports SQLAlchemy or Alembic."""
+    for module, path in MODULES.items():
+        if layer(module) == "bench.store":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.split(".")[0] in ("sqlalchemy", "alembic") for n in names), module
