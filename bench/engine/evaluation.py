@@ -36,7 +36,7 @@ from bench.engine.pretrained import Pretrained
 from bench.engine.provenance import provenance
 from bench.engine.trainer import train
 from bench.store import Store
-from bench.store.schema import Evaluation
+from bench.store.schema import EXAMPLES_PER_EVALUATION, AdversarialExample, Evaluation
 
 CLEAN = "clean"
 PROTOCOL = 2  # 2: per-batch seeding. Part of every evaluation's identity: bump it when results change.
@@ -69,13 +69,26 @@ class Outcome:
 
 
 @dataclass
+class FooledSample:
+    """A sample an attack fooled: its position in the attacked batch sequence, clean and
+    adversarial pixels, true label and adversarial prediction."""
+
+    position: int
+    clean: torch.Tensor
+    adversarial: torch.Tensor
+    label: int
+    predicted: int
+
+
+@dataclass
 class AttackResult:
     """Per-sample outcome of one attack (or of `clean`) on a sample set.
 
     `correct`: still classified correctly (for a minimum-norm attack: no adversarial point within
     eps); `norms`: distance of the returned point (minimum-norm attacks: NaN where none was found);
     `losses`: cross-entropy at the returned point; `ever_fooled`: an observed iterate or the returned
-    point was misclassified (None when the attack observes no iterates)."""
+    point was misclassified (None when the attack observes no iterates); `fooled`: the first fooled
+    samples' images, as many as asked for."""
 
     correct: torch.Tensor
     norms: torch.Tensor | None
@@ -85,6 +98,7 @@ class AttackResult:
     forward: int
     backward: int
     seconds: float
+    fooled: list[FooledSample] = field(default_factory=list)
 
     @property
     def silent_success(self) -> torch.Tensor | None:
@@ -115,12 +129,13 @@ def sample_digest(data: Dataset, indices: Sequence[int]) -> str:
 
 
 def run_attack(model: nn.Module, attack: Attack | None, x: torch.Tensor, y: torch.Tensor,
-               batch_size: int, seed: int | None = None) -> AttackResult:
+               batch_size: int, seed: int | None = None, keep_fooled: int = 0) -> AttackResult:
     """Per-sample results under `attack` (None: clean), with the attack's forward/backward passes
-    and seconds; with `seed`, each batch reseeds the global RNG (`batch_seed`). Checks every
+    and seconds, and the images of the first `keep_fooled` samples it fooled; with `seed`, each
+    batch reseeds the global RNG (`batch_seed`). Checks every
     returned point lies in [0, 1] and (unless the attack is minimum-norm) in the eps ball: an
     attack that leaves its threat model is a bug, not a result."""
-    correct, norms, losses, ever, traces = [], [], [], [], []
+    correct, norms, losses, ever, traces, kept = [], [], [], [], [], []
     with eval_mode(model), count_passes(model) as counter:
         start = time.perf_counter()
         for i in range(0, len(x), batch_size):
@@ -156,6 +171,8 @@ def run_attack(model: nn.Module, attack: Attack | None, x: torch.Tensor, y: torc
                     ever.append(fooled.cpu())
                     traces.append([step.loss.mean().item() for step in trace
                                    if step.index is None and step.loss is not None])
+                for k in (~ok).nonzero().flatten().tolist()[:keep_fooled - len(kept)]:
+                    kept.append(FooledSample(i + k, xb[k].cpu(), xa[k].cpu(), int(yb[k]), int(logits[k].argmax())))
             correct.append(ok.cpu())
             losses.append(F.cross_entropy(logits, yb, reduction="none").cpu())
         seconds = time.perf_counter() - start
@@ -163,7 +180,7 @@ def run_attack(model: nn.Module, attack: Attack | None, x: torch.Tensor, y: torc
     sizes = [min(batch_size, len(x) - i) for i in range(0, len(x), batch_size)]
     return AttackResult(torch.cat(correct), torch.cat(norms) if norms else None, torch.cat(losses),
                         torch.cat(ever) if len(ever) == len(sizes) and sizes else None,
-                        _mean_trace(traces, sizes), forward, backward, seconds)
+                        _mean_trace(traces, sizes), forward, backward, seconds, kept)
 
 
 def _mean_trace(traces: list[list[float]], sizes: list[int]) -> list[float] | None:
@@ -253,8 +270,9 @@ class Evaluator:
                            old.backward_passes, old.seconds, True, old.evaluation_id)
         if attack is not None:
             self.prepare(attack)
+        keep = EXAMPLES_PER_EVALUATION if role == "attack" else 0
         with fork_rng(self.device):
-            result = run_attack(self.model, attack, samples.x, samples.y, self.batch_size, self.seed)
+            result = run_attack(self.model, attack, samples.x, samples.y, self.batch_size, self.seed, keep_fooled=keep)
         diagnostics = {}
         if attack is not None:
             diagnostics = _diagnostics(result, samples, attack)
@@ -284,9 +302,17 @@ class Evaluator:
                                                     "adversary": adversary.REVISION}, self.seed))
         evaluation_id = self.store.save_evaluation(row, samples.indices, result.correct.tolist(),
                                                    None if result.norms is None else result.norms.tolist(),
-                                                   result.losses.tolist())
+                                                   result.losses.tolist(), _examples(result.fooled, samples))
         self.fresh.add(evaluation_id)
         return evaluation_id
+
+
+def _examples(fooled: list[FooledSample], samples: SampleSet) -> list[AdversarialExample]:
+    """Store rows of the fooled samples' images (float16 pixels, C×H×W)."""
+    return [AdversarialExample(sample_index=samples.indices[f.position], label=f.label, predicted=f.predicted,
+                               channels=f.clean.shape[0], height=f.clean.shape[1], width=f.clean.shape[2],
+                               clean=f.clean.to(torch.float16).numpy().tobytes(),
+                               adversarial=f.adversarial.to(torch.float16).numpy().tobytes()) for f in fooled]
 
 
 def _finite_mean(values: torch.Tensor) -> float | None:
