@@ -162,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="render the HTML leaderboard from the store")
     p.add_argument("--out", default="reports")
+    p.add_argument("--claims", default=None, metavar="DIR",
+                   help="folder of RobustBench model-info JSONs (model_info/<dataset>/<Linf|L2>/<id>.json) to show as "
+                        "claims besides the seed papers' (default: ./claims when it exists)")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                   help="also write the page comparing two runs sample by sample (run id, unique prefix or label; "
+                        "RUN:last for the last checkpoint)")
     _common(p, data=False)
     return parser
 
@@ -318,13 +324,20 @@ def cmd_worker(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from bench.app.report import render_report
+    from bench.app.report import render_comparison, render_report
     from bench.store import Store
 
     if "://" not in args.db and not os.path.exists(args.db):
         raise BenchError(f"database {args.db!r} does not exist; run a suite first (python -m bench run --suite suites/demo.toml)")
-    index = render_report(Store(args.db, readonly=True), args.out)
+    claims = args.claims if args.claims is not None else ("claims" if os.path.isdir("claims") else None)
+    if claims is not None and not os.path.isdir(claims):
+        raise BenchError(f"claims folder {claims!r} does not exist")
+    store = Store(args.db, readonly=True)
+    index = render_report(store, args.out, claims_dir=claims)
     print(f"report: {Path(index).resolve()}")
+    if args.compare:
+        page = render_comparison(store, args.out, *args.compare, claims_dir=claims)
+        print(f"comparison: {Path(page).resolve()}")
 
 
 def cmd_perf(args) -> None:
