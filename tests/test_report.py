@@ -4,12 +4,16 @@ measurements, and the comparison of two checkpoints (statistics and adversarial 
 
 import base64
 import json
+import os
 import re
 import struct
 import zlib
 from html import unescape
 from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote
 
+import browser
 import numpy as np
 import pytest
 
@@ -293,7 +297,9 @@ def test_cost_plot_draws_every_best_checkpoint_and_the_pareto_front(report):
     assert links == ["runs/run-b.html", "runs/run-a.html"]      # C has no training cost: not drawn
     front = re.search(r'<polyline class="front" points="([^"]*)"/>', plot).group(1).split()
     b_point = re.search(r'<circle cx="([^"]+)" cy="([^"]+)" r="4"/>\s*<text class="name"[^>]*>trades-run', plot)
-    assert front == [f"{b_point.group(1)},{b_point.group(2)}"]   # B is cheaper and more robust than A
+    right_edge = re.search(r'<line class="grid" x1="52" x2="([^"]+)"', plot).group(1)
+    # B is cheaper and more robust than A: the front is B's point, drawn on to the right edge
+    assert front == [f"{b_point.group(1)},{b_point.group(2)}", f"{float(right_edge):.1f},{b_point.group(2)}"]
     assert "log scale" in plot and "worst-case accuracy" in plot
     assert pareto_front([(1, 0.5), (2, 0.4), (3, 0.6), (3, 0.7), (0.5, 0.5), (4, 0.7)]) == [4, 3]
 
@@ -377,8 +383,6 @@ def test_seed_claims_match_runs_of_the_same_setting():
 def test_seed_claims_are_the_papers_numbers():
     """Every number of a seed claim appears in its paper's text in shared/papers (when it is there),
     with its table; page numbers only from the thesis, whose list of tables gives them."""
-    from pathlib import Path
-
     papers = next((p for p in (Path(__file__).resolve().parents[2] / "shared" / "papers",
                                Path("/work/shared/papers")) if p.is_dir()), None)
     claims = seed_claims()
@@ -405,3 +409,97 @@ def test_robustbench_claims_need_their_threat_model_folder(tmp_path):
 def test_empty_store(tmp_path):
     index = render_report(Store(str(tmp_path / "e.db")), tmp_path / "out")
     assert "No evaluations yet." in index.read_text() and "No runs yet." in index.read_text()
+
+
+# --------------------------------------------------------------------------- in a real browser
+
+ARTIFACTS = Path(os.environ.get("ATBENCH_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
+needs_chromium = pytest.mark.skipif(browser.chromium() is None, reason="chromium is not installed (.ci/run installs it)")
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    chrome = browser.Browser(tmp_path_factory.mktemp("chromium-profile"))
+    yield chrome
+    chrome.close()
+
+
+def _defenses(page):
+    """The names in the first leaderboard's Defense column, top to bottom, of the rows shown."""
+    return page.js("Array.from(document.querySelectorAll('table.board tbody tr')).filter(r => !r.hidden)"
+                   ".map(r => r.cells[1].querySelector('a, span') ? r.cells[1].firstChild.textContent.trim() "
+                   ": r.cells[1].textContent.trim()).map(t => t.replace(/\\s*⇄$/, ''))")
+
+
+def _click(page, header):
+    page.js(f"Array.from(document.querySelectorAll('table.board thead th')).find(th => th.textContent.trim() === "
+            f"{json.dumps(header)}).querySelector('button').click()")
+
+
+def _filter(page, text):
+    page.js(f"(() => {{ const box = document.querySelector('input.filter'); box.value = {json.dumps(text)}; "
+            f"box.dispatchEvent(new Event('input', {{bubbles: true}})); }})()")
+
+
+@needs_chromium
+def test_every_page_loads_without_errors_and_every_link_resolves(report, page):
+    """Each page in Chromium: no console error, no failed load, no dialog (the XSS labels stay
+    text), every link to a file that exists and, with a fragment, to an element that exists there;
+    every inline image decodes. A screenshot of each page is kept."""
+    _, out, _ = report
+    pages = sorted(out.rglob("*.html"))
+    assert len(pages) == 6
+    for path in pages:
+        page.open(path)
+        name = path.relative_to(out).as_posix()
+        assert page.errors == [], (name, page.errors)
+        scripts = page.js("document.scripts.length")
+        assert scripts == (1 if name == "index.html" else 0), name
+        links = page.js("Array.from(document.querySelectorAll('a[href], link[href]'))"
+                        ".map(a => new URL(a.getAttribute('href'), document.baseURI).href)")
+        assert links, name
+        for link in links:
+            assert link.startswith("file://"), (name, link)
+            target, _, fragment = unquote(link.removeprefix("file://")).partition("#")
+            assert Path(target).is_file(), (name, link)
+            assert not fragment or f'id="{fragment}"' in Path(target).read_text(), (name, link)
+        images = page.js("Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.src.slice(0, 22)])")
+        assert all(done and width > 0 and src == "data:image/png;base64," for done, width, src in images), name
+        if name == "compare/digits-Linf-0.0313725--2-vs-1.html":
+            assert len(images) == 15
+        page.screenshot(ARTIFACTS / "browser" / (name.replace("/", "__").removesuffix(".html") + ".png"))
+    assert page.errors == []
+
+
+@needs_chromium
+def test_sorting_filtering_and_views_in_the_browser(report, page):
+    page.open(report[0])
+    xss = unescape(XSS)
+    assert _defenses(page) == ["trades-run", xss, "ext_model.pt"]        # best checkpoints (and external), by rank
+    _click(page, "Clean")
+    assert _defenses(page) == [xss, "trades-run", "ext_model.pt"]        # 100, 90, 80: highest first
+    _click(page, "Clean")
+    assert _defenses(page) == ["ext_model.pt", "trades-run", xss]
+    _click(page, "Cost")
+    assert _defenses(page) == ["trades-run", xss, "ext_model.pt"]        # 21, 63, then unknown last
+    _click(page, "Defense")
+    assert _defenses(page) == sorted([xss, "trades-run", "ext_model.pt"], key=str.lower)
+    assert page.js("document.querySelector('th[aria-sort]').textContent.trim()") == "Defense"
+    page.screenshot(ARTIFACTS / "browser" / "index__sorted-by-defense.png")
+
+    page.js("document.querySelector('input[value=last]').click()")
+    assert sorted(_defenses(page)) == ["ext_model.pt", "trades-run"]     # A's last checkpoint was not evaluated
+    assert page.js("Array.from(document.querySelectorAll('table.board tbody tr')).filter(r => !r.hidden)"
+                   ".map(r => r.cells[0].textContent)").count("1") == 1
+    page.js("document.querySelector('input[value=all]').click()")
+    _filter(page, "TRADES")
+    assert _defenses(page) == ["trades-run"]
+    assert page.js("document.querySelector('.shown').textContent") == "1 of 3 rows"
+    _filter(page, "")
+    page.js("document.querySelector('input.flagged').click()")
+    assert _defenses(page) == [xss]
+    page.js("document.querySelector('input.flagged').click()")
+    page.js("document.querySelector('input.column').click()")                 # hide the first attack column
+    assert page.js("Array.from(document.querySelectorAll('table.board thead th')).filter(th => !th.hidden)"
+                   ".map(th => th.textContent.trim())")[4:7] == ["Clean", "fgsm", "Worst case"]
+    assert page.errors == []

@@ -78,6 +78,8 @@ def cost_plot(title: str, points: list[dict], *, w: int = 640, h: int = 340) -> 
 
     def front(key: str) -> str:
         pts = [(math.log10(p["cost"]), p[key]) for p in points if pd.notna(p.get(key))]
+        if not pts:
+            return ""
         corners, previous = [], None
         for i in pareto_front(pts):
             x, y = pts[i]
@@ -85,6 +87,7 @@ def cost_plot(title: str, points: list[dict], *, w: int = 640, h: int = 340) -> 
                 corners.append((x, previous))   # a staircase: cost first, then robustness
             corners.append((x, y))
             previous = y
+        corners.append((x1, previous))          # more cost buys at least as much robustness
         return " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in corners)
 
     dots = []
