@@ -265,7 +265,7 @@ def test_run_page_contents(report):
 
 
 def test_check_evidence_is_written_for_people(tmp_path):
-    """Intervals in points, sample indices as ranges, the check's own sentence and the status' meaning."""
+    """The interval, sample indices as ranges, the check's own first sentence and the status' meaning."""
     store = Store(str(tmp_path / "e.db"))
     with store.session() as s:
         s.add(_run("run-e", "evidence", "pgd_at"))
@@ -285,7 +285,7 @@ def test_check_evidence_is_written_for_people(tmp_path):
     section = " ".join(section[:section.index("</section>")].split())
     assert "Failed: this expectation of a truly robust model does not hold" in section
     assert "It checks: Iterative attacks are at least as strong as single-step ones, per sample" in section
-    assert "<dt>95% interval</dt><dd>[+10.0, +30.0] points</dd>" in section
+    assert "<dt>95% interval</dt><dd>[0.1, 0.3]</dd>" in section
     assert "<dt>examples (sample indices)</dt><dd>3–6, 9, 11, 12</dd>" in section
     assert "<dt>broken only by b</dt><dd>40</dd>" in section and "PGD is weaker than FGSM" in section
 
@@ -502,4 +502,18 @@ def test_sorting_filtering_and_views_in_the_browser(report, page):
     page.js("document.querySelector('input.column').click()")                 # hide the first attack column
     assert page.js("Array.from(document.querySelectorAll('table.board thead th')).filter(th => !th.hidden)"
                    ".map(th => th.textContent.trim())")[4:7] == ["Clean", "fgsm", "Worst case"]
+    assert page.errors == []
+
+
+@needs_chromium
+def test_leaderboard_prints_without_its_controls(report, page):
+    page.open(report[0])
+    page.send("Emulation.setEmulatedMedia", {"media": "print"}, session=True)
+    try:
+        assert page.js("getComputedStyle(document.querySelector('form.controls')).display") == "none"
+        assert page.js("document.querySelector('svg.plot').getBoundingClientRect().width") > 300
+        assert page.js("getComputedStyle(document.querySelector('svg.plot text.name')).fill") == "rgb(31, 35, 40)"
+        page.screenshot(ARTIFACTS / "browser" / "index__print.png")
+    finally:
+        page.send("Emulation.setEmulatedMedia", {"media": ""}, session=True)
     assert page.errors == []

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,8 +220,8 @@ def check_meaning(name: str) -> str:
     if name not in CHECKS:
         return ""
     doc = " ".join((CHECKS.get(name).__doc__ or "").split())
-    end = doc.find(". ")
-    return doc if end < 0 else doc[:end + 1]
+    end = re.search(r"(?<!\bal)(?<!e\.g)(?<!i\.e)\.\s+(?=[A-Z(])", doc)
+    return doc if end is None else doc[:end.start() + 1]
 
 
 def _flags(sanity: pd.DataFrame, entries: pd.DataFrame) -> dict[tuple, list[dict]]:
@@ -542,11 +543,11 @@ def _text(value) -> str:
 
 
 def _evidence_item(key: str, value) -> dict:
-    """One evidence entry, readable: intervals as [lower, upper] in percentage points, sample
-    indices as a compact list, numbers to four digits, small mappings inline."""
+    """One evidence entry, readable: the interval as [lower, upper] (in the units of the check's
+    value), sample indices as a compact list, numbers to four digits, small mappings inline."""
     name = key.replace("_", " ")
     if key == "ci" and isinstance(value, list) and len(value) == 2:
-        return {"name": "95% interval", "text": f"[{fmt.signed_pct(value[0])}, {fmt.signed_pct(value[1])}] points"}
+        return {"name": "95% interval", "text": f"[{_evidence_value(value[0])}, {_evidence_value(value[1])}]"}
     if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         return {"name": f"{name} (sample indices)" if value else name, "text": fmt.sample_list(value)}
     if isinstance(value, dict):
