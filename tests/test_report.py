@@ -517,3 +517,21 @@ def test_leaderboard_prints_without_its_controls(report, page):
     finally:
         page.send("Emulation.setEmulatedMedia", {"media": ""}, session=True)
     assert page.errors == []
+
+
+def test_measured_pgd20_and_autoattack_are_found_by_their_parameters():
+    import pandas as pd
+
+    from bench.app.report import _measured
+    from bench.core.attack import ATTACKS
+
+    aa = ATTACKS.get("autoattack")(norm="Linf", eps=0.2).params()
+    rows = pd.DataFrame([
+        {"attack": "pgd", "label": "pgd100", "robust_acc": 0.5, "config": {"params": {"steps": 100}}},
+        {"attack": "pgd", "label": "pgd_cw", "robust_acc": 0.45, "config": {"params": {"steps": 20, "loss": "cw"}}},
+        {"attack": "pgd", "label": "pgd20", "robust_acc": 0.55, "config": {"params": {"steps": 20, "loss": "ce"}}},
+        {"attack": "autoattack", "label": "aa_cpu", "robust_acc": 0.4,
+         "config": {"params": {**aa, "n_target_classes": 3, "square_queries": 500}}}])
+    assert _measured(rows) == {"pgd20": (0.55, "pgd20", ""),
+                               "autoattack": (0.4, "aa_cpu", "not the paper's budget: n_target_classes=3, "
+                                                             "square_queries=500")}

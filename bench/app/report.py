@@ -279,7 +279,7 @@ def _board(key: tuple, grp: pd.DataFrame, loaded: Loaded) -> dict:
     comparisons, rows = set(), []
     for checkpoint_id, r in df.iterrows():
         view = r["views"][0]
-        ranked = [c for c in leaders[view]]
+        ranked = leaders[view]
         partner = None
         if pd.notna(r["worst"]) and len(ranked) > 1:
             partner = ranked[1] if checkpoint_id == ranked[0] else ranked[0]
