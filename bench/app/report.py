@@ -278,12 +278,7 @@ def _board(key: tuple, grp: pd.DataFrame, loaded: Loaded) -> dict:
     leaders = {v: _leaders(df, v) for v in VIEWS}
     comparisons, rows = set(), []
     for checkpoint_id, r in df.iterrows():
-        view = r["views"][0]
-        ranked = leaders[view]
-        partner = None
-        if pd.notna(r["worst"]) and len(ranked) > 1:
-            partner = ranked[1] if checkpoint_id == ranked[0] else ranked[0]
-        pair = None if partner is None else (partner, checkpoint_id) if partner == ranked[0] else (checkpoint_id, partner)
+        pair = _comparison(checkpoint_id, leaders[r["views"][0]])
         if pair:
             comparisons.add(pair)
         claims = _claimed(loaded.claims, r, dataset, norm, eps, grp[grp["checkpoint_id"] == checkpoint_id])
@@ -303,7 +298,7 @@ def _board(key: tuple, grp: pd.DataFrame, loaded: Loaded) -> dict:
             "flags": loaded.flags.get((checkpoint_id, threat), []),
             "claims": claims, "claim_cell": _claim_cell(claims),
             "compare": None if pair is None else {"href": _compare_href(anchor, *pair),
-                                                  "title": f"compare with #{1 if partner == ranked[0] else 2}"}})
+                                                  "title": f"compare with #{2 if pair[0] == checkpoint_id else 1}"}})
     title = f"{dataset} · {norm} ε = {format_eps(eps)}"
     points = [{"name": r["name"], "href": r["href"], "cost": r["cost"], "worst": r["worst"], "adaptive": r["adaptive"]}
               for _, r in df.iterrows() if "best" in r["views"] and isinstance(r["href"], str)]
@@ -319,6 +314,14 @@ def _leaders(df: pd.DataFrame, view: str) -> list:
     """The checkpoints of a view that have a worst case, best first."""
     ranked = df[df["views"].map(lambda v: view in v) & df["worst"].notna()]
     return list(ranked.index)
+
+
+def _comparison(checkpoint_id, ranked: list) -> tuple | None:
+    """The comparison a row links to: its view's leader against it, or the leader against the
+    runner-up; None for a row without a worst case or alone in its view."""
+    if len(ranked) < 2 or checkpoint_id not in ranked:
+        return None
+    return (ranked[0], ranked[1]) if checkpoint_id == ranked[0] else (ranked[0], checkpoint_id)
 
 
 def _compare_href(anchor: str, a, b) -> str:
