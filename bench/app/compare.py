@@ -71,5 +71,5 @@ def _images(store: Store, loser: pd.DataFrame, samples: list[int], eps: float, n
                          eps, norm)
         found[example.sample_index] = {"sample": example.sample_index, "attack": labels[example.evaluation_id],
                                        "label": example.label, "predicted": example.predicted,
-                                       "max_change": fmt.num(images.pop("max_change")), **images}
+                                       "max_change": f"{images.pop('max_change'):.3g}", **images}
     return [found[i] for i in sorted(found)]
