@@ -411,18 +411,18 @@ def test_unopenable_database_is_a_bench_error(tmp_path, monkeypatch):
         Store(str(tmp_path / "garbage.db"))
 
 
-def test_a_revision_0003_database_gains_the_examples_table_and_keeps_its_rows(db):
+def test_a_revision_0003_database_gains_the_examples_table_and_keeps_its_rows(sqlite_db):
     """A results.db written before the adversarial examples (Alembic revision 0003) is upgraded in
     place: the new table appears, every row stays."""
-    store = Store(db)
+    store = Store(sqlite_db)
     checkpoint_id = store.register_checkpoint(SHA, "a.pt", PROV)
     store.save_evaluation(_evaluation(checkpoint_id=checkpoint_id), [0, 1, 2, 3], [True, False, True, False])
-    with sqlite3.connect(db) as con:
+    with sqlite3.connect(sqlite_db) as con:
         con.execute("drop table adversarial_examples")
         con.execute("update alembic_version set version_num = '0003'")
         before = {t: con.execute(f"select * from {t}").fetchall() for t in ("checkpoints", "evaluations", "sample_results")}
-    store = Store(db)
-    with sqlite3.connect(db) as con:
+    store = Store(sqlite_db)
+    with sqlite3.connect(sqlite_db) as con:
         assert con.execute("select version_num from alembic_version").fetchall() == [(head_revision(),)] == [("0004",)]
         assert {t: con.execute(f"select * from {t}").fetchall() for t in before} == before
         assert con.execute("select count(*) from adversarial_examples").fetchone() == (0,)
