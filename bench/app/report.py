@@ -52,6 +52,30 @@ def render_report(store: Store, out_dir: str | Path = "reports") -> Path:
     return index
 
 
+def leaderboard(store: Store) -> pd.DataFrame:
+    """One row per leaderboard entry (dataset, threat model, checkpoint; superseded checkpoints
+    left out), in the index page's order: name, kind, architecture (`model`), sha256, clean
+    accuracy, worst case and its n, the failed checks (`failed`) and the entry's leaderboard
+    `evaluations` (label, attack, params, implementation, n_samples, robust_acc, evaluation_id)."""
+    d = _load(store)
+    entries, worst, flags = _entries(d), _worst_case(store, d), _flags(d["sanity"])
+    rows = []
+    for (dataset, threat), grp in d["attacks"].groupby(TM, sort=True):
+        board = _board((dataset, threat), grp, d, entries, worst, flags)
+        for r in board["rows"]:
+            evs = grp[grp["checkpoint_id"] == r["checkpoint_id"]]
+            rows.append({"dataset": dataset, "threat": threat, "norm": evs["norm"].iloc[0], "eps": evs["eps"].iloc[0],
+                         "checkpoint_id": r["checkpoint_id"], "sha256": r["sha256"], "name": r["name"],
+                         "kind": r["kind"], "model": None if r["model"] == DASH else r["model"],
+                         "clean": r["robust_acc"], "worst": r["worst"], "n": r["n"],
+                         "failed": [f["name"] for f in r["flags"] if f["status"] == "fail"],
+                         "evaluations": [{"label": e.label, "attack": e.attack,
+                                          "params": (e.config or {}).get("params", {}), "implementation": e.implementation,
+                                          "n_samples": e.n_samples, "robust_acc": e.robust_acc,
+                                          "evaluation_id": e.evaluation_id} for e in evs.itertuples()]})
+    return pd.DataFrame(rows)
+
+
 # ----------------------------------------------------------------------------- loading
 
 def _load(store: Store) -> dict[str, pd.DataFrame]:
@@ -85,11 +109,15 @@ def _entries(d: dict) -> pd.DataFrame:
     no run."""
     slots = d["run_checkpoints"].sort_values(["run_id", "kind"])
     kinds = slots.groupby("checkpoint_id")["kind"].agg(lambda k: ", ".join(dict.fromkeys(k)))
-    ck = d["checkpoints"].set_index("checkpoint_id")[["run_id", "epoch", "path", "sha256"]].join(kinds)
+    ck = d["checkpoints"].set_index("checkpoint_id")[["run_id", "epoch", "path", "sha256", "config"]].join(kinds)
     runs = d["runs"][["run_id", "label", "model", "status", "train_seconds", "forward_per_sample",
                       "backward_per_sample"]]
     e = ck.reset_index().merge(runs, on="run_id", how="left").set_index("checkpoint_id")
     e["kind"] = e["kind"].where(e["kind"].notna(), np.where(e["run_id"].notna(), "superseded", "external"))
+    # a model evaluated from outside (bench.engine.subject) records its name and architecture
+    given = e["config"].map(lambda c: c if isinstance(c, dict) else {})
+    e["label"] = e["label"].fillna(given.map(lambda c: c.get("name")))
+    e["model"] = e["model"].fillna(given.map(lambda c: c.get("architecture")))
     e["name"] = e["label"].fillna(e["path"].map(lambda p: Path(p).name if p else "")).where(
         e["label"].notna() | e["path"].astype(bool), e["sha256"].str[:12])
     planted = e["kind"].str.startswith("planted-")
@@ -150,6 +178,7 @@ def _board(key: tuple, grp: pd.DataFrame, d: dict, entries: pd.DataFrame, worst:
     df["train"] = df["train_seconds"].map(_duration)
     df["passes"] = [_passes(f, b) for f, b in zip(df["forward_per_sample"], df["backward_per_sample"])]
     df["flags"] = [flags.get((checkpoint_id, threat), []) for checkpoint_id in df.index]
+    df["checkpoint_id"] = df.index
     for col in ("model", "kind", "status"):
         df[col] = df[col].fillna(DASH)
     return {"title": f"{dataset} · {norm} ε = {format_eps(eps)}", "anchor": _slug(f"{dataset}-{norm}-{eps:g}"),
