@@ -93,8 +93,7 @@ def evaluate(model: nn.Module, *, dataset: str, threat: str | ThreatModel | None
     - `log`: a function that gets one line per attack as it finishes (e.g. print); quiet by default.
 
     >>> import tempfile, torch, torch.nn as nn, atbench
-    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
-    <torch._C.Generator object at ...>
+    >>> _ = torch.manual_seed(0)
     >>> model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))  # digits are 1x8x8 pixels in [0, 1]
     >>> result = atbench.evaluate(model, dataset="digits", threat="Linf:0.1", name="linear",
     ...                           attacks=["fgsm", "pgd10=pgd:steps=10"], n_samples=40, curves=False,
