@@ -68,21 +68,27 @@ def test_an_offline_download_says_where_to_put_the_file(tmp_path):
 
 @pytest.fixture(scope="module")
 def store_with_rows(tmp_path_factory):
-    """A store with three leaderboard rows: a checkpoint trained here (synthetic, `bench train` +
-    `bench eval` with AutoAttack), a model from outside (digits, with AutoAttack) and the same model
-    answering with probabilities (its logits_not_probabilities check fails)."""
+    """A store with four leaderboard rows: a checkpoint trained here (synthetic, `bench train` +
+    `bench eval` with AutoAttack), an atbench checkpoint whose run is in another store (trained with
+    another seed), a model from outside (digits, with AutoAttack) and the same model answering with
+    probabilities (its logits_not_probabilities check fails)."""
     root = tmp_path_factory.mktemp("export")
     db = str(root / "results.db")
-    assert main(["train", "--defense", "natural", "--dataset", "synthetic", "--epochs", "1", "--device", "cpu",
-                 "--db", db, "--checkpoints", str(root / "ck")]) == 0
-    (run,) = (root / "ck").iterdir()
-    assert main(["eval", str(run / "best.pt"), "--attack", "fgsm", "--attack", AA, "--n-samples", "32", "--no-curves",
-                 "--db", db, "--device", "cpu", "--checkpoints", str(root / "ck")]) == 0
+    for seed, store in (("0", db), ("1", str(root / "elsewhere.db"))):
+        assert main(["train", "--defense", "natural", "--dataset", "synthetic", "--epochs", "1", "--device", "cpu",
+                     "--seed", seed, "--db", store, "--checkpoints", str(root / f"ck{seed}")]) == 0
+        (run,) = (root / f"ck{seed}").iterdir()
+        assert main(["eval", str(run / "best.pt"), "--attack", "fgsm", "--attack", AA, "--n-samples", "32",
+                     "--no-curves", "--db", db, "--device", "cpu", "--checkpoints", str(root / "ck")]) == 0
     model, mean, std = train_digits_net(load_dataset("digits"))
     common = dict(dataset="digits", threat="Linf:0.1", n_samples=40, db=db, curves=False, normalize=(mean, std))
     atbench.evaluate(model, name="digits-net <x>", attacks=["fgsm", AA], **common)
     atbench.evaluate(nn.Sequential(model, nn.Softmax(1)), name="softmax-net", attacks=["fgsm"], **common)
     return db, root
+
+
+def strict(constant):
+    raise AssertionError(f"{constant} is not JSON")
 
 
 def read_accuracy(text) -> float:
@@ -93,12 +99,12 @@ def read_accuracy(text) -> float:
 def test_export_writes_robustbench_model_info(store_with_rows, tmp_path, capsys):
     db, _ = store_with_rows
     assert main(["export", "--robustbench", str(tmp_path / "info"), "--db", db]) == 0
-    assert "wrote 3 RobustBench model_info file(s)" in capsys.readouterr().out
+    assert "wrote 4 RobustBench model_info file(s)" in capsys.readouterr().out
     paths = sorted((tmp_path / "info").rglob("*.json"))
     assert [p.relative_to(tmp_path / "info").parent.as_posix() for p in paths] == ["digits/Linf", "digits/Linf",
-                                                                                   "synthetic/Linf"]
+                                                                                   "synthetic/Linf", "synthetic/Linf"]
     for path in paths:
-        info = json.loads(path.read_text())
+        info = json.loads(path.read_text(), parse_constant=strict)
         assert tuple(info) == FIELDS
         assert all(info[k] is None for k in ("link", "authors", "venue", "reported"))
         assert info["number_forward_passes"] == 1 and isinstance(info["unreliable"], bool)
@@ -118,13 +124,14 @@ def test_exported_numbers_are_the_stored_ones(store_with_rows, tmp_path):
     AND over clean and every attack of the row."""
     db, _ = store_with_rows
     infos = rows_by_name(db, tmp_path / "info")
-    assert set(infos) == {"natural", "digits-net <x>", "softmax-net"}
+    assert infos["natural"]["name"] == "natural" and infos["best.pt"]["footnote"].startswith("Measured by atbench on 32")
+    assert set(infos) == {"natural", "best.pt", "digits-net <x>", "softmax-net"}
     store = Store(db)
     ev = store.tables()["evaluations"]
     for name, info in infos.items():
         ck = store.tables()["checkpoints"]
-        if name == "natural":
-            checkpoint_id = int(ck[ck["run_id"].notna()]["checkpoint_id"].iloc[0])
+        if name in ("natural", "best.pt"):  # the checkpoint whose run is in this store, and the other
+            checkpoint_id = int(ck[ck["run_id"].notna() == (name == "natural")]["checkpoint_id"].iloc[0])
         else:
             checkpoint_id = int(ck[ck["config"].map(lambda c: c.get("name")) == name]["checkpoint_id"].iloc[0])
         mine = ev[ev["checkpoint_id"] == checkpoint_id]
@@ -137,8 +144,9 @@ def test_exported_numbers_are_the_stored_ones(store_with_rows, tmp_path):
             assert "AutoAttack: atbench r" in info["footnote"]
         else:
             assert info["autoattack_acc"] is None
-        assert info["architecture"] == ("small_cnn" if name == "natural" else "external_models.DigitsNet"
-                                        if name != "softmax-net" else "torch.nn.modules.container.Sequential")
+        assert info["architecture"] == {"natural": "small_cnn", "best.pt": "small_cnn",
+                                        "digits-net <x>": "external_models.DigitsNet",
+                                        "softmax-net": "torch.nn.modules.container.Sequential"}[name]
         assert info["additional_data"] is (False if name == "natural" else None)
     assert infos["softmax-net"]["unreliable"] is True
     assert "failed sanity checks: logits_not_probabilities" in infos["softmax-net"]["footnote"]

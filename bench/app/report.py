@@ -52,8 +52,8 @@ def render_report(store: Store, out_dir: str | Path = "reports") -> Path:
     return index
 
 
-def leaderboard(store: Store) -> pd.DataFrame:
-    """One row per leaderboard entry (dataset, threat model, checkpoint; superseded checkpoints
+def leaderboard(store: Store) -> list[dict]:
+    """One dict per leaderboard entry (dataset, threat model, checkpoint; superseded checkpoints
     left out), in the index page's order: name, kind, architecture (`model`), sha256, clean
     accuracy, worst case and its n, the failed checks (`failed`) and the entry's leaderboard
     `evaluations` (label, attack, params, implementation, n_samples, robust_acc, evaluation_id)."""
@@ -73,7 +73,7 @@ def leaderboard(store: Store) -> pd.DataFrame:
                                           "params": (e.config or {}).get("params", {}), "implementation": e.implementation,
                                           "n_samples": e.n_samples, "robust_acc": e.robust_acc,
                                           "evaluation_id": e.evaluation_id} for e in evs.itertuples()]})
-    return pd.DataFrame(rows)
+    return rows
 
 
 # ----------------------------------------------------------------------------- loading

@@ -94,38 +94,38 @@ def fetch(path: Path, download: Callable[[], None]) -> None:
 
 def export_model_info(store: Store, out_dir: str | Path) -> list[Path]:
     """Write `out_dir/DATASET/NORM/NAME.json` for every leaderboard row; returns the paths."""
-    rows = leaderboard(store)
     written: list[Path] = []
-    for row in rows.itertuples():
-        folder = Path(out_dir) / row.dataset / row.norm
-        stem = _slug(row.name if row.kind == "external" else f"{row.name}_{row.kind}")
+    for row in leaderboard(store):
+        folder = Path(out_dir) / row["dataset"] / row["norm"]
+        stem = _slug(row["name"] if row["kind"] == "external" else f"{row['name']}_{row['kind']}")
         path = folder / f"{stem}.json"
         if path in written:
-            path = folder / f"{stem}_{row.sha256[:8]}.json"
+            path = folder / f"{stem}_{row['sha256'][:8]}.json"
         folder.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(model_info(row), indent=2) + "\n", encoding="utf-8")
         written.append(path)
     return written
 
 
-def model_info(row) -> dict:
+def model_info(row: dict) -> dict:
     """A RobustBench model_info dict for one leaderboard row (see the module docstring)."""
-    aa = [e for e in row.evaluations if e["attack"] == "autoattack" and (e["params"] or {}).get("version") == "standard"]
+    evaluations = row["evaluations"]
+    aa = [e for e in evaluations if e["attack"] == "autoattack" and (e["params"] or {}).get("version") == "standard"]
     aa = max(aa, key=lambda e: (e["n_samples"], e["evaluation_id"])) if aa else None
-    attacks = ", ".join(e["label"] for e in row.evaluations)
-    footnote = (f"Measured by atbench on {row.n} test samples: worst case = per-sample AND over clean and "
-                f"{len(row.evaluations)} attacks ({attacks})")
+    footnote = (f"Measured by atbench on {row['n']} test samples: worst case = per-sample AND over clean and "
+                f"{len(evaluations)} attacks ({', '.join(e['label'] for e in evaluations)})")
     if aa is not None:
         footnote += f"; AutoAttack: {aa['implementation']}, {aa['n_samples']} samples"
-    if row.failed:
-        footnote += f"; failed sanity checks: {', '.join(row.failed)}"
+    if row["failed"]:
+        footnote += f"; failed sanity checks: {', '.join(row['failed'])}"
     info = {
-        "link": None, "name": row.name, "authors": None,
-        "additional_data": False if row.kind != "external" else None,
-        "number_forward_passes": 1, "dataset": row.dataset, "venue": None, "architecture": row.model,
-        "eps": format_eps(row.eps), "clean_acc": _percent(row.clean), "reported": None,
+        "link": None, "name": row["name"], "authors": None,
+        "additional_data": False if row["kind"] != "external" else None,
+        "number_forward_passes": 1, "dataset": row["dataset"], "venue": None,
+        "architecture": row["model"] if isinstance(row["model"], str) else None,
+        "eps": format_eps(row["eps"]), "clean_acc": _percent(row["clean"]), "reported": None,
         "autoattack_acc": _percent(aa["robust_acc"]) if aa is not None else None,
-        "external": _percent(row.worst), "footnote": footnote + ".", "unreliable": bool(row.failed),
+        "external": _percent(row["worst"]), "footnote": footnote + ".", "unreliable": bool(row["failed"]),
     }
     assert tuple(info) == FIELDS
     return info

@@ -50,7 +50,8 @@ class Subject:
         model, meta = load_model(path)
         spec = meta["model_spec"]
         return cls(model, sha256_file(path), str(path), meta["dataset"], meta.get("dataset_options", {}),
-                   ThreatModel(meta["norm"], meta["eps"]), spec["name"], spec.get("kwargs", {}))
+                   ThreatModel(meta["norm"], meta["eps"]), spec["name"], spec.get("kwargs", {}),
+                   info={"architecture": spec["name"]})
 
     @classmethod
     def external(cls, model: nn.Module, name: str, data: Dataset, threat: ThreatModel, *, path: str | None = None,
