@@ -13,7 +13,8 @@ Out: `export_model_info` writes one `model_info` JSON per leaderboard row, in th
 the fields of RobustBench's `model_info/DATASET/NORM/NAME.json` files (the `ModelInfo` dataclass of
 robustbench/utils.py plus `unreliable` and `external` as its leaderboard files use them):
 accuracies as percent strings with two decimals, eps as written there ("8/255", "0.5"),
-`autoattack_acc` from an AutoAttack (standard) evaluation when the row has one, `external` the
+`autoattack_acc` from an AutoAttack evaluation at the standard version's own budget when the row
+has one (either implementation; the footnote says which ran), `external` the
 per-sample worst case over all of the row's attacks (what RobustBench ranks by first), and
 `unreliable` set when a sanity check failed. What atbench does not know (link, authors, venue,
 reported) is null, as RobustBench's own `update_json` writes it for a new model.
@@ -36,6 +37,7 @@ from bench.engine.external import load_weights
 from bench.store import Store
 
 INSTALL = "pip install 'atbench[robustbench]'"
+STANDARD = {"version": "standard", "apgd_steps": 100, "fab_steps": 100, "n_target_classes": 9, "square_queries": 5000}
 FIELDS = ("link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue", "architecture",
           "eps", "clean_acc", "reported", "autoattack_acc", "external", "footnote", "unreliable")
 
@@ -110,7 +112,7 @@ def export_model_info(store: Store, out_dir: str | Path) -> list[Path]:
 def model_info(row: dict) -> dict:
     """A RobustBench model_info dict for one leaderboard row (see the module docstring)."""
     evaluations = row["evaluations"]
-    aa = [e for e in evaluations if e["attack"] == "autoattack" and (e["params"] or {}).get("version") == "standard"]
+    aa = [e for e in evaluations if e["attack"] == "autoattack" and standard_budget(e["params"] or {})]
     aa = max(aa, key=lambda e: (e["n_samples"], e["evaluation_id"])) if aa else None
     footnote = (f"Measured by atbench on {row['n']} test samples: worst case = per-sample AND over clean and "
                 f"{len(evaluations)} attacks ({', '.join(e['label'] for e in evaluations)})")
@@ -129,6 +131,13 @@ def model_info(row: dict) -> dict:
     }
     assert tuple(info) == FIELDS
     return info
+
+
+def standard_budget(params: dict) -> bool:
+    """AutoAttack's standard version at its own budget (100 APGD and FAB steps, 9 targets, 5,000
+    Square queries): what RobustBench's `autoattack_acc` reports. A reduced budget is only an attack
+    among the others (in `external`)."""
+    return all(params.get(key) == value for key, value in STANDARD.items())
 
 
 def _percent(x) -> str | None:
