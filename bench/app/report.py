@@ -128,6 +128,39 @@ def _write(path: Path, env: Environment, template: str, root: str, **values) -> 
 
 # ----------------------------------------------------------------------------- loading
 
+def leaderboard(store: Store) -> list[dict]:
+    """One dict per leaderboard entry (dataset, threat model, checkpoint; superseded checkpoints
+    left out), best worst case first on each board: name, kind, architecture (`model`), sha256,
+    clean accuracy, worst case and its n, the failed checks (`failed`) and the entry's leaderboard
+    `evaluations` (label, attack, params, implementation, n_samples, robust_acc, evaluation_id)."""
+    loaded = load(store)
+    d, entries = loaded.data, loaded.entries
+    rows = []
+    for (dataset, threat), grp in d["attacks"].groupby(TM, sort=True):
+        clean = d["clean"][d["clean"]["dataset"] == dataset].set_index("checkpoint_id")["robust_acc"]
+        worst = loaded.worst[(loaded.worst["dataset"] == dataset) & (loaded.worst["threat"] == threat)]
+        worst = worst.set_index("checkpoint_id")
+        board = []
+        for checkpoint_id, evs in grp.groupby("checkpoint_id"):
+            e = entries.loc[checkpoint_id]
+            if e["kind"] == "superseded":
+                continue
+            board.append({"dataset": dataset, "threat": threat, "norm": evs["norm"].iloc[0], "eps": evs["eps"].iloc[0],
+                          "checkpoint_id": checkpoint_id, "sha256": e["sha256"], "name": e["name"], "kind": e["kind"],
+                          "model": e["model"] if isinstance(e["model"], str) else None,
+                          "clean": clean.get(checkpoint_id, np.nan),
+                          "worst": worst["worst"].get(checkpoint_id, np.nan), "n": worst["n"].get(checkpoint_id, 0),
+                          "failed": [f["name"] for f in loaded.flags.get((checkpoint_id, threat), [])
+                                     if f["status"] == "fail"],
+                          "evaluations": [{"label": r.label, "attack": r.attack,
+                                           "params": (r.config or {}).get("params", {}) if isinstance(r.config, dict)
+                                           else {}, "implementation": r.implementation, "n_samples": r.n_samples,
+                                           "robust_acc": r.robust_acc, "evaluation_id": r.evaluation_id}
+                                          for r in evs.itertuples()]})
+        rows += sorted(board, key=lambda r: (-(r["worst"] if pd.notna(r["worst"]) else -1), r["name"]))
+    return rows
+
+
 def load(store: Store, claims_dir: str | Path | None = None) -> Loaded:
     data = _load(store)
     entries = _entries(data)
@@ -173,11 +206,16 @@ def _entries(d: dict) -> pd.DataFrame:
     no run."""
     slots = d["run_checkpoints"].sort_values(["run_id", "kind"])
     kinds = slots.groupby("checkpoint_id")["kind"].agg(lambda k: ", ".join(dict.fromkeys(k)))
-    ck = d["checkpoints"].set_index("checkpoint_id")[["run_id", "epoch", "path", "sha256"]].join(kinds)
+    ck = d["checkpoints"].set_index("checkpoint_id")[["run_id", "epoch", "path", "sha256", "config"]].join(kinds)
+    ck = ck.rename(columns={"config": "checkpoint_config"})
     runs = d["runs"][["run_id", "label", "model", "status", "train_seconds", "forward_per_sample",
                       "backward_per_sample", "config", "defense"]]
     e = ck.reset_index().merge(runs, on="run_id", how="left").set_index("checkpoint_id")
     e["kind"] = e["kind"].where(e["kind"].notna(), np.where(e["run_id"].notna(), "superseded", "external"))
+    # a model evaluated from outside (bench.engine.subject) records its name and architecture
+    given = e["checkpoint_config"].map(lambda c: c if isinstance(c, dict) else {})
+    e["label"] = e["label"].fillna(given.map(lambda c: c.get("name")))
+    e["model"] = e["model"].fillna(given.map(lambda c: c.get("architecture")))
     e["name"] = e["label"].fillna(e["path"].map(lambda p: Path(p).name if p else "")).where(
         e["label"].notna() | e["path"].astype(bool), e["sha256"].str[:12])
     planted = e["kind"].str.startswith("planted-")

@@ -1,6 +1,6 @@
-"""Evaluations of one checkpoint: an attack (or `clean`) run over a recorded sample set, per
-sample, stored with provenance. `bench.engine.stage` runs the whole evaluation stage (attacks →
-curves → sanity checks) with it.
+"""Evaluations of one model (a checkpoint file, or any model: `bench.engine.subject`): an attack
+(or `clean`) run over a recorded sample set, per sample, stored with provenance.
+`bench.engine.stage` runs the whole evaluation stage (attacks → curves → sanity checks) with it.
 
 An evaluation is identified by (checkpoint, attack, attack config + implementation and revision +
 adversary-library revision + protocol, sample indices, seed); one that is already stored is
@@ -30,10 +30,11 @@ from bench.core.errors import BenchError
 from bench.core.models import eval_mode
 from bench.core.rng import batch_seed, fork_rng
 from bench.core.threat import BALL_TOLERANCE, ThreatModel, perturbation_norms
-from bench.engine.checkpoint import load_model, sha256_file, stored_path
+from bench.engine.checkpoint import stored_path
 from bench.engine.counting import count_passes
 from bench.engine.pretrained import Pretrained
 from bench.engine.provenance import provenance
+from bench.engine.subject import Subject
 from bench.engine.trainer import train
 from bench.store import Store
 from bench.store.schema import EXAMPLES_PER_EVALUATION, AdversarialExample, Evaluation
@@ -200,28 +201,28 @@ def thin(values: Sequence[float], points: int = TRACE_POINTS) -> list[float]:
 
 
 class Evaluator:
-    """Evaluations of one loaded checkpoint on its dataset: finds stored ones, runs and stores new
-    ones. The checkpoint is registered in the store by its sha256 (`checkpoint_id`)."""
+    """Evaluations of one model (a `Subject`, or the path of a checkpoint file) on its dataset:
+    finds stored ones, runs and stores new ones. Its checkpoint is registered in the store by its
+    sha256 (`checkpoint_id`)."""
 
-    def __init__(self, store: Store, checkpoint: str | Path, data: Dataset, *, seed: int = 0,
+    def __init__(self, store: Store, subject: Subject | str | Path, data: Dataset, *, seed: int = 0,
                  batch_size: int = 256, device: torch.device | str = "cpu", force: bool = False,
                  checkpoint_root: str | Path = "checkpoints", log: Callable[[str], None] = print):
-        self.store, self.checkpoint, self.data, self.seed = store, str(checkpoint), data, seed
+        if not isinstance(subject, Subject):
+            subject = Subject.from_checkpoint(subject)
+        self.store, self.checkpoint, self.data, self.seed = store, subject.path, data, seed
         self.batch_size, self.device, self.force, self.log = batch_size, torch.device(device), force, log
-        model, meta = load_model(checkpoint)
-        if meta["dataset"] != data.name:
-            raise BenchError(f"checkpoint {self.checkpoint!r} was trained on {meta['dataset']!r}, not {data.name!r}")
-        if meta.get("dataset_options", {}) != data.options:
+        if subject.dataset != data.name:
+            raise BenchError(f"checkpoint {self.checkpoint!r} was trained on {subject.dataset!r}, not {data.name!r}")
+        if subject.dataset_options != data.options:
             raise BenchError(f"checkpoint {self.checkpoint!r} was trained on {data.name!r} with options "
-                             f"{meta.get('dataset_options', {})}, not {data.options}")
-        self.model, self.meta = model.to(self.device), meta
-        self.threat = ThreatModel(meta["norm"], meta["eps"])
-        self.sha = sha256_file(checkpoint)
+                             f"{subject.dataset_options}, not {data.options}")
+        self.model, self.threat = subject.model.to(self.device), subject.threat
         self.checkpoint_id = store.register_checkpoint(
-            self.sha, stored_path(checkpoint, checkpoint_root), provenance(self.device, {"checkpoint": self.checkpoint}, seed))
-        spec = meta["model_spec"]
-        self.pretrained = Pretrained(data, store, Path(checkpoint_root), self.device, self.threat, spec["name"],
-                                     spec.get("kwargs", {}), None, seed, trainer=train)
+            subject.sha256, stored_path(self.checkpoint, checkpoint_root) if Path(self.checkpoint).is_file()
+            else self.checkpoint, provenance(self.device, {"checkpoint": self.checkpoint, **subject.info}, seed))
+        self.pretrained = Pretrained(data, store, Path(checkpoint_root), self.device, self.threat, subject.architecture,
+                                     subject.architecture_params, None, seed, trainer=train)
         self._prepared: set[int] = set()
         self.fresh: set[int] = set()  # ids of the evaluations this evaluator computed (reused even under force)
 
