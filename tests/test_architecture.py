@@ -2,7 +2,7 @@
 TYPE_CHECKING alike), as docs/architecture.md draws them:
 
     contracts (bench.core) ← adversary library (bench.adversary) ← store (bench.store)
-        ← engine (bench.engine) ← application (bench.app)
+        ← engine (bench.engine) ← application (bench.app) ← the Python API (atbench)
 
 Plugins (`attacks`, `defenses`, `bench.checks`) import only the contracts and the adversary
 library, never each other and never the engine; nothing imports a plugin module (registries load
@@ -27,8 +27,9 @@ ALLOWED = {  # layer -> the layers its modules may import (besides the standard 
     "attacks": {"bench.core", "bench.adversary"},
     "defenses": {"bench.core", "bench.adversary"},
     "bench.checks": {"bench.core", "bench.adversary"},
+    "atbench": {"bench.app"},  # the public Python API: re-exports bench.app.api
 }
-OURS = ("bench", "attacks", "defenses")
+OURS = ("atbench", "bench", "attacks", "defenses")
 
 
 def modules() -> dict[str, Path]:
@@ -108,3 +109,14 @@ def test_every_layer_is_a_visible_package():
     for package in ("core", "adversary", "store", "engine", "app", "checks"):
         assert (ROOT / "bench" / package / "__init__.py").is_file()
     assert {p.name for p in (ROOT / "bench").glob("*.py")} == {"__init__.py", "__main__.py"}
+
+
+def test_only_the_store_speaks_sql():
+    """One persistence boundary: no module outside bench.store imports SQLAlchemy or Alembic."""
+    for module, path in MODULES.items():
+        if layer(module) == "bench.store":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.split(".")[0] in ("sqlalchemy", "alembic") for n in names), module

@@ -15,6 +15,7 @@ from bench.engine.curves import CurveSettings, compute_curves
 from bench.engine.evaluation import CLEAN, AttackSpec, Evaluator, Outcome
 from bench.engine.fastpath import FastPath
 from bench.engine.sanity import run_checks
+from bench.engine.subject import Subject
 from bench.store import Store
 
 
@@ -30,13 +31,14 @@ class CheckpointReport:
     checks: dict | None
 
 
-def evaluate_checkpoint(store: Store, checkpoint: str | Path, data: Dataset, specs: Sequence[AttackSpec], *,
+def evaluate_checkpoint(store: Store, checkpoint: Subject | str | Path, data: Dataset, specs: Sequence[AttackSpec], *,
                         n_samples: int | None = None, seed: int = 0, batch_size: int | str = "auto",
                         device: torch.device | str = "cpu", force: bool = False, curves: CurveSettings | None = None,
                         sanity: bool = False, checkpoint_root: str | Path = "checkpoints",
                         log: Callable[[str], None] = print, fast: FastPath | None = None) -> CheckpointReport:
-    """Evaluate one checkpoint: clean, then `specs` in order, then the curves (`CurveSettings`, or
-    None for none), then (with `sanity`) the sanity checks; `fast`: the device's fast path by default."""
+    """Evaluate one checkpoint (a file, or any model as a `Subject`): clean, then `specs` in order,
+    then the curves (`CurveSettings`, or None for none), then (with `sanity`) the sanity checks;
+    `fast`: the device's fast path by default."""
     attacks = [(spec, spec.build()) for spec in specs]  # validate every spec before any work
     for _, attack in attacks:
         attack.threat.check_for(data.input_shape)
