@@ -120,3 +120,16 @@ def test_only_the_store_speaks_sql():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(n.split(".")[0] in ("sqlalchemy", "alembic") for n in names), module
+
+
+def test_toml_is_read_through_the_python_310_fallback():
+    """Python 3.10 has no tomllib (the tomli package stands in, bench.core.config picks it): every
+    other module gets its TOML parser from there, so `make bench` runs on 3.10 as the README says."""
+    for module, path in MODULES.items():
+        if module == "bench.core.config":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not {"tomllib", "tomli"} & {n.split(".")[0] for n in names}, \
+                f"{module} imports tomllib directly; use `from bench.core.config import tomllib`"

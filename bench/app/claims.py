@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import math
-import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from bench.core.config import tomllib
 from bench.core.errors import BenchError
 from bench.core.threat import parse_eps
 
