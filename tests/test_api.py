@@ -154,3 +154,15 @@ def test_runs_on_demand_need_an_architecture_for_an_external_model(tmp_path, dig
     assert pretrained.spec("natural", model="mlp", train={"epochs": 1}).model == "mlp"
     with pytest.raises(BenchError, match="defined outside atbench: name a registered architecture"):
         pretrained.spec("natural", train={"epochs": 1})
+
+
+@pytest.mark.parametrize("cuda_build, why", [
+    (None, "this torch .* is a CPU-only build"),
+    ("12.4", r"torch .* \(CUDA 12.4\) sees no usable GPU \(driver too old, or none visible\)")])
+def test_cuda_asked_for_but_unusable_says_why_and_how_to_use_the_cpu(monkeypatch, cuda_build, why):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", cuda_build)
+    with pytest.raises(BenchError, match=f"--device cuda was asked for, but CUDA is not available: {why}; to run "
+                                         r"on the CPU anyway \(far slower\), use --device cpu \(make bench DEVICE=cpu\)"):
+        api.pick_device("cuda")
+    assert api.pick_device(None) == torch.device("cpu")

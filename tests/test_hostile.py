@@ -142,6 +142,8 @@ CASES = {
     "foreign SQLite database": _foreign_db,
     "report --out FILE": lambda ws: _report_into_a_file(ws),
 }
+if not torch.cuda.is_available():  # make bench's DEVICE ?= cuda on a machine without a usable GPU
+    CASES["run --device cuda without a usable GPU"] = lambda ws: ["run", "--suite", suite(ws), "--device", "cuda"]
 
 
 
