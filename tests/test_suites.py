@@ -9,10 +9,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from bench.core.config import tomllib
 import torch
 
 from bench.app.suite import load_suite
+from bench.core.config import tomllib
 from bench.core.defense import DEFENSES
 from bench.core.models import model_params
 from bench.engine.pretrained import Pretrained

@@ -250,7 +250,7 @@ def _print(timings: dict[str, LoopTiming], batch_size: int, device: torch.device
             f"{achieved:8.3f} {mfu} {memory}")
     fast, reference = timings["fast"], timings["reference"]
     log(f"  ratio fast / reference: {reference.seconds_per_step / fast.seconds_per_step:.2f}x img/s (same run)")
-    log(f"  MFU: model FLOPs (torch.utils.flop_counter, one step) x img/s / "
+    log("  MFU: model FLOPs (torch.utils.flop_counter, one step) x img/s / "
         + (f"the bf16 dense peak of {peak[0]}, {peak[1]:g} TFLOP/s" if peak else "peak unknown for this device"))
     if device.type != "cuda":
         log(f"  peak memory: process max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB "

@@ -242,8 +242,9 @@ def describe(name: str, jobs: Sequence[Job], plan: Estimate) -> list[str]:
     kinds: dict[str, list[int]] = {}
     for job in pending:
         kinds.setdefault(job.kind, []).append(job.job_id)
-    lines = [f"[{name}] estimated wall time: {duration(plan.total() / plan.workers)} for {len(pending)} jobs on "
-             f"{plan.workers} worker(s) (training measured; evaluation an upper bound: every sample resisting every attack)"]
+    lines = [(f"[{name}] estimated wall time: {duration(plan.total() / plan.workers)} for {len(pending)} jobs on "
+              f"{plan.workers} worker(s) (training measured; evaluation an upper bound: every sample resisting every "
+              "attack)")]
     for kind, ids in kinds.items():
         lines.append(f"  {kind:<9} {len(ids):4d} jobs  {duration(plan.total(ids)):>7}")
     lines += [f"  measured: {note}" for note in plan.notes]
