@@ -4,11 +4,13 @@ time per job and an ETA rescaled by the measured time."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from bench.app.progress import Estimate, Estimator, Progress, Unfoolable, describe, duration, estimate
-from bench.app.runner import Options, prepare
+from bench.app.runner import Options, prepare, worker_threads
 from bench.app.suite import load_suite, load_suite_data
 from bench.core.data import load_dataset
 from bench.engine.evaluation import AttackSpec
@@ -54,6 +56,31 @@ def test_every_pending_job_of_a_suite_is_estimated_before_work(tmp_path):
     lines = describe("tiny", jobs, plan)
     assert lines[0].startswith(f"[tiny] estimated wall time: {duration(plan.total() / 2)} for {len(jobs)} jobs on 2")
     assert any(line.startswith("  how:") for line in lines)
+
+
+def test_the_estimate_is_timed_with_the_workers_threads(tmp_path, monkeypatch):
+    """`bench run --threads 1` times its estimate with 1 intra-op thread, as its workers run (on a
+    busy CPU, 2 threads time a small CNN's step up to 100x slower), and leaves the process' setting."""
+    suite = load_suite(TINY)
+    data = load_suite_data(suite)
+    store = Store(str(tmp_path / "r.db"))
+    among = prepare(suite, data, store, Options(db=str(tmp_path / "r.db"), checkpoint_root=str(tmp_path)), None, False)
+    seen = []
+    monkeypatch.setattr(Estimator, "step_seconds", lambda self, run: seen.append(torch.get_num_threads()) or 1.0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        estimate(store.jobs(among), data, store, torch.device("cpu"), FastPath(), threads=1)
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_worker_threads_follow_the_backend():
+    assert worker_threads(Options(db="x", checkpoint_root="y")) is None  # one local worker: torch's default
+    assert worker_threads(Options(db="x", checkpoint_root="y", threads=3, workers=2)) == 3
+    assert worker_threads(Options(db="x", checkpoint_root="y", workers=2)) == max(1, (os.cpu_count() or 1) // 2)
+    assert worker_threads(Options(db="x", checkpoint_root="y", workers=4, backend="ray")) == 1
 
 
 def test_progress_lines_count_jobs_and_rescale_the_eta(tmp_path):

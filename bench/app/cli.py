@@ -358,7 +358,7 @@ def _options(args, device: torch.device):
 
 def cmd_run(args) -> None:
     from bench.app.progress import Progress, describe, estimate
-    from bench.app.runner import execute, prepare
+    from bench.app.runner import execute, prepare, worker_threads
     from bench.app.suite import load_suite, load_suite_data
     from bench.store import Store
 
@@ -372,7 +372,7 @@ def cmd_run(args) -> None:
     jobs = store.jobs(among)
     monitor = None
     if any(job.state != "done" and job.kind != "report" for job in jobs):
-        plan = estimate(jobs, data, store, device, _fast(args, device), options.workers)
+        plan = estimate(jobs, data, store, device, _fast(args, device), options.workers, worker_threads(options))
         print("\n".join(describe(suite.name, jobs, plan)), flush=True)
         monitor = Progress(store, among, suite.name, plan)
     outcome = execute(store, among, options, monitor=monitor)

@@ -12,10 +12,12 @@ The estimate, printed before any work, sums over the jobs still to do:
   checkpoint's architecture, timed here at the evaluation batch. An upper bound: most attacks stop
   on a sample once it is fooled;
 - plant, checks, report: seconds; not counted;
-then divides by the number of workers. While the jobs run, the ETA rescales the estimate of the
-jobs left by the elapsed time over the estimate of the jobs this run has finished (so it learns
-how far the upper bound is from this suite's models), and each progress line gives the jobs done
-out of the total and the mean time per job.
+then divides by the number of workers. Everything is timed with the workers' intra-op thread count
+(`bench.app.runner.worker_threads`): on a busy CPU more threads can time a small model's step a
+hundred times slower than the one thread a worker then uses. While the jobs run, the ETA rescales
+the estimate of the jobs left by the elapsed time over the estimate of the jobs this run has
+finished (so it learns how far the upper bound is from this suite's models), and each progress
+line gives the jobs done out of the total and the mean time per job.
 """
 
 from __future__ import annotations
@@ -189,11 +191,25 @@ class Estimator:
 
 
 def estimate(jobs: Sequence[Job], data: Dataset, store: Store, device: torch.device, fast: FastPath,
-             workers: int = 1) -> Estimate:
-    """Seconds per job still to do (see the module docstring); a job that cannot be estimated
-    counts 0 s, with a note."""
+             workers: int = 1, threads: int | None = None) -> Estimate:
+    """Seconds per job still to do (see the module docstring), timed with each worker's intra-op
+    `threads` (None: this process' setting); a job that cannot be estimated counts 0 s, with a note."""
     runs = {spec.run_id: spec for spec in (run_spec(j.payload["run"]) for j in jobs if j.kind == "train")}
     estimator, out = Estimator(data, device, fast), Estimate(workers=workers)
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        _estimate_jobs(jobs, runs, estimator, store, device, out)
+    finally:
+        torch.set_num_threads(previous)
+    out.notes[:0] = [f"{r.model}: {1 / max(r.forward, 1e-12):,.0f} forward and {1 / max(r.forward + r.backward, 1e-12):,.0f} "
+                     f"forward+backward sample-passes/s at batch {r.batch}" for r in estimator._rates.values()]
+    return out
+
+
+def _estimate_jobs(jobs: Sequence[Job], runs: dict[str, RunSpec], estimator: Estimator, store: Store,
+                   device: torch.device, out: Estimate) -> None:
     with fork_rng(device):
         for job in jobs:
             if job.state == "done":
@@ -205,9 +221,6 @@ def estimate(jobs: Sequence[Job], data: Dataset, store: Store, device: torch.dev
                 seconds = 0.0
             if seconds is not None:
                 out.seconds[job.job_id] = seconds
-    out.notes[:0] = [f"{r.model}: {1 / max(r.forward, 1e-12):,.0f} forward and {1 / max(r.forward + r.backward, 1e-12):,.0f} "
-                     f"forward+backward sample-passes/s at batch {r.batch}" for r in estimator._rates.values()]
-    return out
 
 
 def _job_seconds(job: Job, runs: dict[str, RunSpec], estimator: Estimator, store: Store) -> float | None:

@@ -104,6 +104,16 @@ def execute(store: Store, among: list[int], options: Options, progress: bool = T
                    sum(job.state == "pending" for job in after))
 
 
+def worker_threads(options: Options) -> int | None:
+    """Intra-op threads of each worker: `threads` when given; else torch's default for the one local
+    worker (None), the cores divided among local worker processes (at least 1), 1 for Ray and Slurm."""
+    if options.threads is not None or (options.backend == "local" and options.workers == 1):
+        return options.threads
+    if options.backend == "local":
+        return max(1, (os.cpu_count() or 1) // options.workers)
+    return 1
+
+
 def _run_backend(store: Store, among: list[int], options: Options, progress: bool, tag: str) -> None:
     if options.backend == "local" and options.workers == 1:
         if options.threads is not None:
@@ -131,7 +141,7 @@ def _local_pool(among: list[int], options: Options, progress: bool, tag: str) ->
     """N worker processes; on CUDA worker i uses GPU i mod the device count, on CPU each gets
     `threads` (default: the cores divided among them, at least 1)."""
     gpus = torch.cuda.device_count() if options.device.startswith("cuda") else 0
-    threads = options.threads or max(1, (os.cpu_count() or 1) // options.workers)
+    threads = worker_threads(options)
     context = multiprocessing.get_context("spawn")
     processes = []
     for i in range(options.workers):
@@ -157,7 +167,7 @@ def _ray(among: list[int], options: Options, progress: bool, tag: str) -> None:
              **({} if options.ray_address else {"num_cpus": max(options.workers, os.cpu_count() or 1)}))
     gpus = options.gpus_per_worker if options.device.startswith("cuda") else 0
     remote = ray.remote(num_gpus=gpus, num_cpus=1, max_retries=0)(_ray_main)
-    args, kwargs = _worker_args(among, options, progress, options.threads or 1,
+    args, kwargs = _worker_args(among, options, progress, worker_threads(options),
                                 "cuda" if options.device.startswith("cuda") else options.device, tag)
     try:
         ray.get([remote.remote(args, kwargs) for _ in range(options.workers)])
@@ -187,7 +197,7 @@ def _slurm(among: list[int], options: Options, progress: bool, tag: str) -> None
     else:  # submitit's local executor: no slurm_* parameters
         parameters = {"timeout_min": parameters["timeout_min"]}
     executor.update_parameters(**parameters)
-    args, kwargs = _worker_args(among, options, progress, options.threads or 1,
+    args, kwargs = _worker_args(among, options, progress, worker_threads(options),
                                 "cuda" if options.device.startswith("cuda") else options.device, tag)
     jobs = executor.map_array(_slurm_main, [args] * options.workers, [kwargs] * options.workers)
     for job in jobs:
