@@ -190,6 +190,20 @@ def test_save_evaluation_replaces_the_same_identity(store, db):
         assert sorted(rows) == sorted([(newer.evaluation_id, 4), (other.evaluation_id, 2)])
 
 
+def test_an_id_held_across_a_replacement_stays_valid(store, db):
+    """Two workers computing one evaluation at once (the curves of a run's best.pt and last.pt when
+    they are one file): the first's id, held while the second replaces its row, still names the
+    evaluation when the first saves a curve pointing at it."""
+    held = store.save_evaluation(_evaluation(robust_acc=0.25), [0, 1], [True, False])
+    store.save_evaluation(_evaluation(seed=1), [0, 1], [True, True])  # a later row: the held one is not the last
+    assert store.save_evaluation(_evaluation(robust_acc=0.25), [0, 1], [True, False]) == held  # the other worker
+    curve = store.save_curve(1, "eps:pgd", "eps", "idx", 0, {0.1: held}, PROV)
+    with Store(db).session() as s:
+        assert [(p.x, p.evaluation_id) for p in s.scalars(select(CurvePoint).where(CurvePoint.curve_id == curve))] == \
+            [(0.1, held)]
+        assert s.scalar(select(func.count()).select_from(Evaluation)) == 2
+
+
 def _example(index, predicted=1):
     return AdversarialExample(sample_index=index, label=0, predicted=predicted, channels=1, height=2, width=2,
                               clean=np.zeros(4, np.float16).tobytes(), adversarial=np.full(4, 0.1, np.float16).tobytes())
@@ -203,8 +217,9 @@ def test_adversarial_examples_are_stored_and_replaced_with_their_evaluation(stor
     assert [(e.evaluation_id, e.sample_index, e.predicted) for e in got] == [(first, 0, 1), (first, 1, 1), (other, 0, 2)]
     assert np.frombuffer(got[0].adversarial, np.float16).tolist() == [np.float16(0.1)] * 4
     newer = store.save_evaluation(_evaluation(), [0, 1, 2, 3], [True, True, True, False], examples=[_example(3)])
-    assert [(e.evaluation_id, e.sample_index) for e in store.adversarial_examples([first, newer, other], range(4))] == \
-        [(other, 0), (newer, 3)]                              # the replaced evaluation's examples went with it
+    assert newer == first                                     # the replacement keeps the row's id
+    assert [(e.evaluation_id, e.sample_index) for e in store.adversarial_examples([newer, other], range(4))] == \
+        [(newer, 3), (other, 0)]                              # the replaced evaluation's examples went with it
     assert _count(store, AdversarialExample.__table__) == 2
 
 

@@ -233,8 +233,10 @@ class Store:
                         examples: Sequence[AdversarialExample] = ()) -> int:
         """Insert an evaluation with its per-sample rows (and the adversarial `examples` it keeps),
         replacing an older one with the same identity in the same transaction (so a failure keeps
-        the old one); returns its id. The curve points that referred to the old row move to the new
-        one, and an old leaderboard column stays one."""
+        the old one); returns its id. The new row keeps the old one's id, so the curve points that
+        referred to the old row refer to the new one, and so does an id another worker holds: two
+        workers that compute one evaluation at once (the curves of a run's best.pt and last.pt when
+        they are one file) never leave each other a dangling id. An old leaderboard column stays one."""
         with self.session(write=True) as s:
             old = self._find(s, evaluation.checkpoint_id, evaluation.attack, evaluation.config_hash,
                              evaluation.indices_hash, evaluation.seed)
@@ -244,6 +246,7 @@ class Store:
                           s.scalars(select(CurvePoint).where(CurvePoint.evaluation_id == old.evaluation_id))]
                 if old.role == "attack":
                     evaluation.role = "attack"
+                evaluation.evaluation_id = old.evaluation_id
                 s.execute(delete(CurvePoint).where(CurvePoint.evaluation_id == old.evaluation_id))
                 s.delete(old)
                 s.flush()
