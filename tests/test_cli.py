@@ -71,10 +71,11 @@ def test_list_prints_every_registry(capsys):
     rc, out, err = cli(capsys, "list")
     assert rc == 0 and err == ""
     lines = dict(line.split(": ", 1) for line in out.strip().splitlines())
-    assert list(lines) == ["defenses", "attacks", "models", "datasets"]
+    assert list(lines) == ["defenses", "attacks", "models", "datasets", "remedies"]
     expect = {"defenses": {"natural", "fgsm_at", "fast_at", "pgd_at", "trades", "mart"},
               "attacks": {"fgsm", "pgd", "mim"}, "models": {"small_cnn", "preact_resnet18", "wrn"},
-              "datasets": {"digits", "synthetic", "mnist", "mnist_t10k", "cifar10", "cifar100"}}
+              "datasets": {"digits", "synthetic", "mnist", "mnist_t10k", "cifar10", "cifar100"},
+              "remedies": {"eot", "logit_recovery", "bpda_ste", "bpda_surrogate", "square"}}
     for kind, names in expect.items():
         listed = lines[kind].split(", ")
         assert names <= set(listed) and listed == sorted(listed), kind

@@ -234,7 +234,7 @@ def test_schema_revision_is_recorded(sqlite_db):
         assert con.execute("select version_num from alembic_version").fetchall() == [(head_revision(),)]
         tables = {r[0] for r in con.execute("select name from sqlite_master where type = 'table'")}
     assert {"runs", "train_epochs", "checkpoints", "run_checkpoints", "evaluations", "sample_results", "curves",
-            "curve_points", "sanity_checks", "jobs", "job_dependencies", "alembic_version"} == tables
+            "curve_points", "sanity_checks", "remedy_outcomes", "jobs", "job_dependencies", "alembic_version"} == tables
     Store(sqlite_db)  # reopening neither adds a row nor migrates
     with sqlite3.connect(sqlite_db) as con:
         assert con.execute("select version_num from alembic_version").fetchall() == [(head_revision(),)]
@@ -391,3 +391,26 @@ def test_unopenable_database_is_a_bench_error(tmp_path, monkeypatch):
     (tmp_path / "garbage.db").write_bytes(b"this is not a sqlite database" * 100)
     with pytest.raises(BenchError, match="cannot open database"):
         Store(str(tmp_path / "garbage.db"))
+
+
+def test_a_revision_3_database_gains_remedy_outcomes_as_a_new_one_has_them(tmp_path):
+    """Alembic 0004 adds `remedy_outcomes` to a database at 0003 (jobs): the same columns, types,
+    keys and indexes as a database created now, and the older rows stay."""
+    def schema(path):
+        with sqlite3.connect(path) as con:
+            return (con.execute("pragma table_info(remedy_outcomes)").fetchall(),
+                    sorted(con.execute("select name from sqlite_master where tbl_name = 'remedy_outcomes'").fetchall()))
+
+    fresh, old = tmp_path / "fresh.db", tmp_path / "old.db"
+    Store(str(fresh))
+    store = Store(str(old))
+    with store.session() as s:
+        s.add(_run())
+    with sqlite3.connect(old) as con:
+        con.execute("drop table remedy_outcomes")
+        con.execute("update alembic_version set version_num = '0003'")
+    with Store(str(old)).session() as s:
+        assert s.get(Run, "run-1") is not None
+    assert schema(old) == schema(fresh) and schema(fresh)[0]
+    with sqlite3.connect(old) as con:
+        assert con.execute("select version_num from alembic_version").fetchall() == [(head_revision(),)]

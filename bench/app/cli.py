@@ -73,6 +73,17 @@ def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
         p.add_argument("--force", action="store_true", help="redo work that is already stored")
 
 
+def parse_remedies(items: list[str] | None) -> dict:
+    """`--remedy NAME:k=v,...` options as {remedy name: parameters}."""
+    from bench.core.config import parse_assignments
+
+    out: dict = {}
+    for item in items or []:
+        name, _, rest = item.partition(":")
+        out.setdefault(name.strip(), {}).update(parse_assignments([a for a in rest.split(",") if a]))
+    return out
+
+
 def parse_attack(text: str):
     """`LABEL=NAME:key=value,key=value`, `NAME:key=value` or `NAME`."""
     from bench.core.config import parse_assignments
@@ -90,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "store per-sample results in SQLite; render a static HTML leaderboard.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    p = sub.add_parser("list", help="list registered defenses, attacks, models and datasets")
-    p.add_argument("kind", nargs="?", choices=["defenses", "attacks", "models", "datasets"])
+    p = sub.add_parser("list", help="list registered defenses, attacks, models, datasets and remedies")
+    p.add_argument("kind", nargs="?", choices=["defenses", "attacks", "models", "datasets", "remedies"])
 
     p = sub.add_parser("train", help="train one defense")
     p.add_argument("--defense", required=True)
@@ -119,7 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=count(1), default=256)
     p.add_argument("--no-curves", action="store_true", help="skip the curves (accuracy/loss vs eps, steps, restarts)")
     p.add_argument("--curve-samples", type=count(1), default=200, help="samples the curves use (default: 200)")
-    p.add_argument("--no-sanity", action="store_true", help="skip the sanity checks")
+    p.add_argument("--no-sanity", action="store_true", help="skip the sanity checks (and so the adaptive stage)")
+    p.add_argument("--no-adaptive", action="store_true",
+                   help="skip the adaptive stage (the remedies of the failed checks: EOT, BPDA, logit recovery, ...)")
+    p.add_argument("--adaptive-warned", action="store_true", help="remedy the warned checks too, not only the failed")
+    p.add_argument("--remedy", action="append", metavar="NAME:k=v,...",
+                   help="a remedy's budgets, e.g. eot:max_k=10 or square:queries=5000 (repeatable)")
     p.add_argument("--checkpoints", default="checkpoints", help="where runs an attack needs (a surrogate) are kept")
     _common(p)
 
@@ -171,8 +187,10 @@ def cmd_list(args) -> None:
     from bench.core.data import DATASETS
     from bench.core.defense import DEFENSES
     from bench.core.models import MODELS
+    from bench.core.remedy import REMEDIES
 
-    registries = {"defenses": DEFENSES, "attacks": ATTACKS, "models": MODELS, "datasets": DATASETS}
+    registries = {"defenses": DEFENSES, "attacks": ATTACKS, "models": MODELS, "datasets": DATASETS,
+                  "remedies": REMEDIES}
     for kind, registry in registries.items():
         if args.kind in (None, kind):
             print(f"{kind}: {', '.join(registry.names())}")
@@ -208,6 +226,7 @@ def cmd_eval(args) -> None:
     from bench.core.config import build_config
     from bench.core.data import load_dataset
     from bench.core.threat import ThreatModel
+    from bench.engine.adaptive import AdaptiveSettings, describe
     from bench.engine.checkpoint import load_model
     from bench.engine.curves import CurveSettings
     from bench.engine.stage import evaluate_checkpoint
@@ -223,19 +242,32 @@ def cmd_eval(args) -> None:
                              f"{meta['norm']}: give its eps, e.g. {spec.attack}:norm=\"L2\",eps=0.5")
         spec.build()
     curves = None if args.no_curves else build_config(CurveSettings, {"n_samples": args.curve_samples}, "--curve-samples")
+    adaptive = None if args.no_adaptive or args.no_sanity else build_config(
+        AdaptiveSettings, {"warned": args.adaptive_warned, "remedies": parse_remedies(args.remedy)}, "--remedy")
     data = load_dataset(meta["dataset"], data_dir=args.data_dir, **meta.get("dataset_options", {}))
     store = Store(args.db)
     print(f"evaluating {args.checkpoint} ({meta['dataset']}, trained for {meta['norm']} eps={meta['eps']:g})")
     report = evaluate_checkpoint(store, args.checkpoint, data, specs, n_samples=args.n_samples, seed=args.seed,
                                  batch_size=args.batch_size, device=_device(args.device), force=args.force,
-                                 curves=curves, sanity=not args.no_sanity, checkpoint_root=args.checkpoints)
+                                 curves=curves, sanity=not args.no_sanity, adaptive=adaptive,
+                                 checkpoint_root=args.checkpoints)
     outcomes = report.outcomes
-    acc, n = store.sample_matrix([o.evaluation_id for o in outcomes]).worst_case()
+    ids = [o.evaluation_id for o in outcomes]
+    acc, n = store.sample_matrix(ids).worst_case()
     print(f"  {'worst case':<12} {acc:7.2%}  (per-sample AND over {len(outcomes)} evaluations, n={n})")
-    if not args.no_sanity:
-        for row in store.stored_checks(report.checkpoint_id, ThreatModel(meta["norm"], meta["eps"]).key):
-            if row.status in ("fail", "warn"):
-                print(f"  {row.status.upper():<4} {row.name}: {row.summary}")
+    if args.no_sanity:
+        return
+    threat = ThreatModel(meta["norm"], meta["eps"]).key
+    remedied = {o.check: o for o in store.remedy_outcomes(report.checkpoint_id, threat)} if adaptive else {}
+    extra = [e.evaluation_id for e in store.attack_evaluations(report.checkpoint_id, threat, role="adaptive")]
+    if remedied and extra:
+        acc, n = store.sample_matrix(ids + extra).worst_case()
+        print(f"  {'adaptive worst case':<12} {acc:7.2%}  (with {len(extra)} adaptive evaluations, n={n})")
+    for row in store.stored_checks(report.checkpoint_id, threat):
+        if row.status in ("fail", "warn"):
+            print(f"  {row.status.upper():<4} {row.name}: {row.summary}")
+            if row.name in remedied:
+                print(f"       {row.name}: {describe(remedied[row.name])}")
 
 
 def _options(args, device: torch.device):

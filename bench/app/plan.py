@@ -1,7 +1,8 @@
 """A suite as a job graph, keyed by the identities the harness already has:
 
     train(run) ──► [plant(run, kind)] ──► evaluate(checkpoint, attack) ──┐
-        ▲                              └─► curves(checkpoint) ───────────┴─► checks(checkpoint) ──► report
+        ▲                              └─► curves(checkpoint) ───────────┴─► checks(checkpoint)
+        │                                                         ──► adaptive(checkpoint) ──► report
         └── train(the runs a defense or an attack trains on demand: teachers, natural starts,
             static models, transfer surrogates)
 
@@ -30,7 +31,7 @@ from bench.engine.pretrained import Pretrained
 from bench.engine.runspec import RunSpec, build_train_config
 from bench.store import JobSpec
 
-PRIORITY = {"train": 0, "plant": 1, "evaluate": 2, "curves": 3, "checks": 4, "report": 5}
+PRIORITY = {"train": 0, "plant": 1, "evaluate": 2, "curves": 3, "checks": 4, "adaptive": 5, "report": 6}
 
 
 def run_payload(spec: RunSpec) -> dict:
@@ -150,6 +151,11 @@ def plan_suite(suite: Suite, data: Dataset, reports: str | None = None) -> list[
             key = f"checks:{run.run_id}:{kind}:{_digest(payload)}"
             jobs[key] = JobSpec(key, "checks", PRIORITY["checks"], payload, tuple(evals))
             checks.append(key)
+            if suite.adaptive is not None:
+                payload = {**target, **settings, "adaptive": asdict(suite.adaptive)}
+                adaptive = f"adaptive:{run.run_id}:{kind}:{_digest(payload)}"
+                jobs[adaptive] = JobSpec(adaptive, "adaptive", PRIORITY["adaptive"], payload, (key,))
+                checks.append(adaptive)
         checks.extend(evals)
 
     runs = {spec.label: spec for spec in suite.runs}

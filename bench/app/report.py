@@ -19,6 +19,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from bench.core.errors import BenchError
 from bench.core.threat import format_eps
+from bench.engine.adaptive import describe
 from bench.store import Store
 
 DASH = "—"
@@ -41,7 +42,7 @@ def render_report(store: Store, out_dir: str | Path = "reports") -> Path:
     d = _load(store)
     entries = _entries(d)
     worst = _worst_case(store, d)
-    flags = _flags(d["sanity"])
+    flags = _flags(d["sanity"], d["remedies"])
     env = Environment(loader=PackageLoader("bench.app", "templates"), autoescape=select_autoescape(["html"]),
                       trim_blocks=True, lstrip_blocks=True)
     common = {"generated": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "dash": DASH}
@@ -80,6 +81,7 @@ def _load(store: Store) -> dict[str, pd.DataFrame]:
         "attacks": ev[ev["threat"].notna()].sort_values("evaluation_id"),
         "clean": clean,
         "sanity": d["sanity"],
+        "remedies": d["remedies"],
         "curves": points.sort_values(["curve_id", "position"]),
     }
 
@@ -119,14 +121,19 @@ def _worst_case(store: Store, d: dict) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=ROW + ["worst", "n", "mixed"])
 
 
-def _flags(sanity: pd.DataFrame) -> dict[tuple, list[dict]]:
-    """Failed and warned sanity checks per (checkpoint, threat model), failures first."""
+def _flags(sanity: pd.DataFrame, remedies: pd.DataFrame) -> dict[tuple, list[dict]]:
+    """Failed and warned sanity checks per (checkpoint, threat model), failures first, each with
+    what the adaptive stage did about it (`remedy`: "BPDA surrogate → 55.5% (closed)", or empty)."""
     bad = sanity[sanity["status"].isin(["fail", "warn"])]
+    remedied = {(r.checkpoint_id, r.threat, r.check): describe(r) for r in remedies.itertuples() if r.status != "none"}
     bad = bad.assign(order=bad["status"].map(STATUS_ORDER),
-                     title=[f"{st}: {summary or ''} (value {_num(v)}, threshold {_num(t)})"
-                            for st, summary, v, t in zip(bad["status"], bad["summary"], bad["value"], bad["threshold"])])
+                     remedy=[remedied.get(key, "") for key in zip(bad["checkpoint_id"], bad["threat"], bad["name"])])
+    bad = bad.assign(title=[f"{st}: {summary or ''} (value {_num(v)}, threshold {_num(t)})"
+                            + (f"; adaptive: {remedy}" if remedy else "")
+                            for st, summary, v, t, remedy in zip(bad["status"], bad["summary"], bad["value"],
+                                                                 bad["threshold"], bad["remedy"])])
     bad = bad.sort_values(["order", "name"])
-    return {key: g[["name", "status", "title"]].to_dict("records")
+    return {key: g[["name", "status", "title", "remedy"]].to_dict("records")
             for key, g in bad.groupby(["checkpoint_id", "threat"])}
 
 
