@@ -1,15 +1,20 @@
 """AutoAttack (Croce & Hein, ICML 2020, "Reliable evaluation of adversarial robustness with an
 ensemble of diverse parameter-free attacks", Sec. 5): a fixed cascade of parameter-free attacks.
 
-When the official package (github fra31/auto-attack, `import autoattack`) is installed, it runs,
-configured explicitly from our Config, and `implementation` says so. Otherwise the cascade is
-composed from this project's `apgd_ce`, `apgd_dlr`, `apgd_t`, `fab` and `square`, configured as
-the official `AutoAttack.set_version` does (autoattack/autoattack.py).
+Two implementations, chosen by the config's `implementation` (part of every evaluation's identity,
+and its provenance names the code and version that ran):
+- "atbench" (default): the cascade composed from this project's `apgd_ce`, `apgd_dlr`, `apgd_t`,
+  `fab` and `square`, configured as the official `AutoAttack._set_version` does; it reports the
+  robust count after each component and forwards the iterates its components observe;
+- "official": Croce & Hein's code, the `pyautoattack` package (the attack modules of github
+  fra31/auto-attack, packaged), its cascade `run_standard_evaluation` with every component
+  constructed from our Config.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +23,8 @@ from bench.core.attack import ATTACKS, Attack, TraceStep, register_attack
 from bench.core.config import require, require_choice
 from bench.core.errors import BenchError
 from bench.core.threat import BALL_TOLERANCE, perturbation_norms
+
+IMPLEMENTATIONS = ("atbench", "official")
 
 VERSIONS = {
     "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
@@ -28,16 +35,17 @@ COMPONENTS = {"apgd-ce": "apgd_ce", "apgd-dlr": "apgd_dlr", "apgd-t": "apgd_t", 
               "square": "square"}  # label in the official code -> registered attack
 
 
-def official_version() -> str | None:
-    """The installed official package's version ("unknown" without metadata), or None when it is absent."""
+def official_version() -> str:
+    """The installed `pyautoattack`'s version; a BenchError saying what to install when it is absent."""
     try:
-        import autoattack  # noqa: F401
+        import pyautoattack
     except ImportError:
-        return None
+        raise BenchError("attack 'autoattack' with implementation=\"official\" needs Croce & Hein's package: "
+                         "pip install pyautoattack") from None
     try:
-        return importlib.metadata.version("autoattack")
+        return importlib.metadata.version("pyautoattack")
     except importlib.metadata.PackageNotFoundError:
-        return "unknown"
+        return getattr(pyautoattack, "__version__", "unknown")
 
 
 @register_attack("autoattack")
@@ -57,18 +65,26 @@ class AutoAttack(Attack):
     (clean-misclassified ones are never attacked), and its point replaces x only where it is
     misclassified and within the eps ball (FAB returns minimum-norm points that may lie outside);
     a sample no component fools is returned as x. `stats["robust_after"][component]` accumulates
-    the robust count after each component; `stats["components"]` records the configuration of
-    each component that ran. Iterates the components observe are forwarded to this attack's trace.
+    the robust count after each component (ours only: the official code keeps it to itself);
+    `stats["components"]` records the configuration of each component that ran. Iterates the
+    components observe are forwarded to this attack's trace (ours only).
+
+    Seeding, as the official code: one seed per batch, drawn from the global RNG (which the
+    evaluation seeds), and the RNG re-seeded with it before each component. Both implementations
+    draw the same seed, so on the CPU their components start from the same random points.
+
+    The official package is given APGD objects built with `apgd_steps` (its APGD derives the
+    step-size checkpoints from `n_iter` in its constructor: setting `n_iter` afterwards leaves
+    the 100-step schedule in place). Its warnings (randomized or dynamic defense, probabilities
+    for logits, zero gradients, Square beating the white-box attacks) are kept in
+    `stats["official_warnings"]`.
 
     Fewer than 10 classes: targets are capped at C − 1 (the official code would index past the
     logits); APGD-T is left out below 4 classes and APGD-DLR below 3, where their losses are
     undefined (the official code warns, then fails on an index); `stats["skipped"]` lists them.
-
-    Where the official code re-seeds the RNG before each component, ours draw from the global RNG
-    in turn (the evaluation seeds it). The official package gets a seed drawn from that RNG.
     """
 
-    revision = 2  # 2: Square without the rescaled p schedule, as the official AutoAttack
+    revision = 3  # 3: the RNG re-seeded before each component, as the official code
     parts = tuple(sorted(set(COMPONENTS.values())))
     iterative = True
     ensemble = True
@@ -83,17 +99,18 @@ class AutoAttack(Attack):
         square_queries: int = 5000
         n_target_classes: int = 9
         eot_iter: int = 20
+        implementation: str = "atbench"
 
         def __post_init__(self):
             require_choice(self.version, VERSIONS, "version")
+            require_choice(self.implementation, IMPLEMENTATIONS, "implementation")
             require(self, at_least_one=("apgd_steps", "fab_steps", "square_queries", "n_target_classes", "eot_iter"))
 
     def __init__(self, **params):
         super().__init__(**params)
-        version = official_version()
-        self.official = version is not None
+        self.official = self.config.implementation == "official"
         if self.official:
-            self.implementation = f"autoattack {version} (official)"
+            self.implementation = f"pyautoattack {official_version()} (official)"
         else:
             self.components(self.config.n_target_classes + 1)  # a missing component or a bad parameter fails here
 
@@ -142,8 +159,9 @@ class AutoAttack(Attack):
         plan, skipped = self.plan(logits.shape[1])
         self.stats["components"] = {label: {"attack": name, **params} for label, (name, params) in plan.items()}
         self.stats["skipped"] = skipped
+        seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
         if self.official:
-            return self._official(model, x, y, logits.shape[1], plan)
+            return self._official(model, x, y, plan, seed)
         robust = logits.argmax(1) == y
         x_adv = x.clone()
         self.accumulate("robust_after", clean=int(robust.sum()))
@@ -151,6 +169,7 @@ class AutoAttack(Attack):
             idx = robust.nonzero().squeeze(1)
             if idx.numel():
                 xs, ys = x[idx], y[idx]
+                torch.manual_seed(seed)
                 if self._trace is not None:
                     attack.start_trace()
                 xa = attack.attack_robust(model, xs, ys, logits[idx])  # no second clean forward
@@ -165,20 +184,65 @@ class AutoAttack(Attack):
             self.accumulate("robust_after", **{label: int(robust.sum())})
         return x_adv
 
-    def _official(self, model, x, y, num_classes: int, plan: dict) -> torch.Tensor:
-        """The official package's cascade on this batch, every parameter set from our Config."""
-        from autoattack import AutoAttack as Official
+    def official_adversary(self, model, plan: dict, seed: int, device: torch.device):
+        """The official `AutoAttack` running the components of `plan`, each constructed from its
+        parameters (one APGD object serves APGD-CE and APGD-DLR, one FAB object FAB and FAB-T, as
+        in the official code)."""
+        from pyautoattack import AutoAttack as Official
+        from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
+        from pyautoattack.fab_pt import FABAttack_PT
+        from pyautoattack.square import SquareAttack
 
         c = self.config
-        seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
-        adversary = Official(model, norm=c.norm, eps=c.eps, version=c.version, seed=seed, verbose=False,
-                             device=x.device)
-        adversary.attacks_to_run = list(plan)
-        targets = min(c.n_target_classes, num_classes - 1)
-        adversary.apgd.n_iter = adversary.apgd_targeted.n_iter = c.apgd_steps
-        adversary.apgd_targeted.n_target_classes = adversary.fab.n_target_classes = targets
-        adversary.fab.n_iter = c.fab_steps
-        adversary.square.n_queries = c.square_queries
-        if c.version == "rand":
-            adversary.apgd.eot_iter = c.eot_iter
-        return adversary.run_standard_evaluation(x, y, bs=len(x)).detach()
+        adversary = Official(model, attacks=list(plan), device=device, eps=c.eps, norm=c.norm, seed=seed,
+                             version="custom")
+        adversary.version, adversary.verbose = c.version, False  # the version only decides its randomness check
+        common = dict(norm=c.norm, eps=c.eps, seed=seed, device=device)
+        apgd = plan.get("apgd-ce", plan.get("apgd-dlr"))
+        if apgd is not None:
+            p = apgd[1]
+            adversary.apgd = APGDAttack(model, n_iter=p["steps"], n_restarts=p["restarts"], eot_iter=p["eot_iter"],
+                                        rho=p["rho"], logger=adversary.logger, **common)
+        if "apgd-t" in plan:
+            p = plan["apgd-t"][1]
+            adversary.apgd_targeted = APGDAttack_targeted(
+                model, n_iter=p["steps"], n_restarts=p["restarts"], eot_iter=p["eot_iter"], rho=p["rho"],
+                n_target_classes=p["n_target_classes"], logger=adversary.logger, **common)
+        fab = plan.get("fab", plan.get("fab-t"))
+        if fab is not None:
+            p = fab[1]
+            adversary.fab = FABAttack_PT(model, n_restarts=p["restarts"], n_iter=p["steps"], alpha_max=p["alpha_max"],
+                                         eta=p["eta"], beta=p["beta"], n_target_classes=p["n_target_classes"],
+                                         **common)
+        if "square" in plan:
+            p = plan["square"][1]
+            adversary.square = SquareAttack(model, p_init=p["p_init"], n_queries=p["queries"],
+                                            n_restarts=p["restarts"], resc_schedule=p["rescale_schedule"], **common)
+        return adversary
+
+    def _official(self, model, x, y, plan: dict, seed: int) -> torch.Tensor:
+        """The official package's cascade on this batch; its warnings go to `stats`, not to the log."""
+        adversary = self.official_adversary(model, plan, seed, x.device)
+        warnings = _Collect()
+        adversary.logger.addHandler(warnings)
+        propagate, adversary.logger.propagate = adversary.logger.propagate, False
+        try:
+            x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(x))
+        finally:
+            adversary.logger.removeHandler(warnings)
+            adversary.logger.propagate = propagate
+        if warnings.messages:
+            known = self.stats.setdefault("official_warnings", [])
+            known += [m for m in dict.fromkeys(warnings.messages) if m not in known]
+        return x_adv.detach()
+
+
+class _Collect(logging.Handler):
+    """Keeps the messages of warnings and worse."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())

@@ -2,7 +2,7 @@
 TYPE_CHECKING alike), as docs/architecture.md draws them:
 
     contracts (bench.core) ← adversary library (bench.adversary) ← store (bench.store)
-        ← engine (bench.engine) ← application (bench.app)
+        ← engine (bench.engine) ← application (bench.app) ← the Python API (atbench)
 
 Plugins (`attacks`, `defenses`, `bench.checks`, `bench.remedies`) import only the contracts and
 the adversary library, never each other and never the engine; nothing imports a plugin module (registries load
@@ -28,8 +28,9 @@ ALLOWED = {  # layer -> the layers its modules may import (besides the standard 
     "defenses": {"bench.core", "bench.adversary"},
     "bench.checks": {"bench.core", "bench.adversary"},
     "bench.remedies": {"bench.core", "bench.adversary"},
+    "atbench": {"bench.app"},  # the public Python API: re-exports bench.app.api
 }
-OURS = ("bench", "attacks", "defenses")
+OURS = ("atbench", "bench", "attacks", "defenses")
 
 
 def modules() -> dict[str, Path]:

@@ -21,11 +21,12 @@ import torch
 from bench.app.cli import main
 from bench.core.check import CHECKS
 from bench.core.defense import DEFENSES
+from bench.store.schema import EXAMPLES_PER_EVALUATION
 
 TINY = (Path(__file__).resolve().parent / "suites" / "tiny.toml").resolve()
 TINY_RUNS = ("natural", "pgd_at", "trades")
-TABLES = ("runs", "train_epochs", "checkpoints", "run_checkpoints", "evaluations", "sample_results", "curves",
-          "curve_points", "sanity_checks", "alembic_version")
+TABLES = ("runs", "train_epochs", "checkpoints", "run_checkpoints", "evaluations", "sample_results",
+          "adversarial_examples", "curves", "curve_points", "sanity_checks", "alembic_version")
 
 
 def cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -126,6 +127,13 @@ def test_run_suite_end_to_end_then_nothing_to_do_then_force(tmp_path, monkeypatc
         assert sorted(r[0] for r in con.execute("select label from runs")) == sorted(TINY_RUNS)
         assert {r[0] for r in con.execute("select label from evaluations where role = 'attack'")} == \
             {"clean", "fgsm", "pgd"}
+    # fgsm and pgd keep the images of a few samples they fooled; clean and curve points keep none
+    assert 0 < n["adversarial_examples"] <= EXAMPLES_PER_EVALUATION * 2 * len(shas)
+    rc, out, err = cli(capsys, "report", "--compare", "natural", "trades:last")
+    assert rc == 0, err
+    page = Path(out.splitlines()[-1].removeprefix("comparison: "))
+    assert page.parent == (tmp_path / "reports" / "compare").resolve() and page.is_file()
+    assert "McNemar" in page.read_text() and "natural" in page.read_text()
 
     # the same command again: nothing to do, nothing changed
     before_files = files(tmp_path / "checkpoints")
@@ -188,7 +196,8 @@ def test_a_narrower_eval_never_downgrades_the_suite_checks(tmp_path, monkeypatch
     assert rc == 0 and "nothing to do" in out, out
     assert checks(ckpt) == after
     # with curves of its own (on more samples, up to eps 1) the eval adds evidence: nothing that ran is lost
-    assert cli(capsys, "eval", ckpt, "--attack", "pgd50=pgd:steps=50", "--device", "cpu")[0] == 0
+    # (the adaptive stage is left out: what it does about a new flag is test_adaptive.py's)
+    assert cli(capsys, "eval", ckpt, "--attack", "pgd50=pgd:steps=50", "--device", "cpu", "--no-adaptive")[0] == 0
     assert {n for n, st in checks(ckpt).items() if st == "not-run"} < {n for n, st in before.items() if st == "not-run"}
 
 

@@ -147,9 +147,9 @@ def test_second_call_is_cached_and_force_reruns(store, checkpoint, data, monkeyp
 
     calls = []
 
-    def spy(model, attack, x, y, batch_size, seed=None):
+    def spy(model, attack, x, y, batch_size, seed=None, **kwargs):
         calls.append(None if attack is None else attack.name)
-        return run_attack(model, attack, x, y, batch_size, seed)
+        return run_attack(model, attack, x, y, batch_size, seed, **kwargs)
 
     monkeypatch.setattr(evaluation, "run_attack", spy)
     third = evaluate_checkpoint(store, checkpoint, data, SPECS, force=True, log=quiet).outcomes
@@ -161,6 +161,41 @@ def test_second_call_is_cached_and_force_reruns(store, checkpoint, data, monkeyp
     for a, b in zip(old, new):
         assert b["created_at"] > a["created_at"]
         assert b["samples"] == a["samples"]  # and deterministic
+
+
+# --------------------------------------------------------------------------- adversarial examples
+
+def test_attack_evaluations_keep_the_first_fooled_samples_images(store, checkpoint, data, monkeypatch):
+    monkeypatch.setattr(evaluation, "EXAMPLES_PER_EVALUATION", 3)
+    outcomes = evaluate_checkpoint(store, checkpoint, data, SPECS, log=quiet).outcomes
+    indices = eval_indices(N_TEST, None)
+    clean_id, pgd_id = outcomes[0].evaluation_id, outcomes[2].evaluation_id
+    samples = store.sample_results([pgd_id])[pgd_id]
+    fooled = [int(i) for i, ok in zip(samples[0], samples[1]) if not ok]
+    assert len(fooled) > 3
+    kept = store.adversarial_examples([clean_id, pgd_id], indices)
+    assert [e.evaluation_id for e in kept] == [pgd_id] * 3   # clean keeps none; an attack at most 3
+    assert [e.sample_index for e in kept] == sorted(fooled, key=indices.index)[:3]
+    model, _ = load_model(checkpoint)
+    for e in kept:
+        clean = torch.frombuffer(bytearray(e.clean), dtype=torch.float16).float().view(e.channels, e.height, e.width)
+        adv = torch.frombuffer(bytearray(e.adversarial), dtype=torch.float16).float().view(clean.shape)
+        assert torch.allclose(clean, data.test_x[e.sample_index], atol=1e-3)
+        assert e.label == int(data.test_y[e.sample_index]) and e.predicted != e.label
+        assert (adv - clean).abs().max() <= EPS + 1e-3 and (adv - clean).abs().max() > 0
+        assert int(model(adv[None]).argmax()) == e.predicted   # the stored point still fools the model
+
+
+def test_curve_points_keep_no_images(store, checkpoint, data):
+    from bench.engine.curves import CurveSettings
+
+    curves = CurveSettings(n_samples=24, eps=[0.1, 0.4], eps_steps=2, steps=[1, 5], restarts=[1, 2], restart_steps=3)
+    evaluate_checkpoint(store, checkpoint, data, [], curves=curves, log=quiet)
+    with store.session() as s:
+        roles = dict(s.execute(select(Evaluation.evaluation_id, Evaluation.role)).all())
+    assert "curve" in roles.values()
+    kept = store.adversarial_examples(list(roles), range(N_TEST))
+    assert kept == []
 
 
 # --------------------------------------------------------------------------- worst case

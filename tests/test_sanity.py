@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from bench.core.check import CHECKS, CheckContext, Record, paired
 from bench.core.data import load_dataset
-from bench.core.stats import grade, mean_difference, paired_difference, wilson
+from bench.core.stats import grade, mcnemar_exact, mean_difference, paired_difference, wilson
 from bench.core.threat import ThreatModel
 from bench.engine.checkpoint import sha256_file
 from bench.engine.curves import CurveSettings
@@ -23,6 +23,16 @@ from bench.store.schema import SanityCheck
 from conftest import FIX, HONEST, PLANTED_ATTACKS, PLANTED_CURVES, PLANTED_EPS
 
 # --------------------------------------------------------------------------- statistics
+
+def test_mcnemar_exact_test_values():
+    # Fagerland, Lydersen & Laake (2013), BMC Med Res Methodol 13:91, Table 1 example: 1 vs 7
+    # discordant pairs, exact conditional p = 0.070
+    assert mcnemar_exact(1, 7) == pytest.approx(18 / 256) and round(mcnemar_exact(7, 1), 3) == 0.070
+    assert mcnemar_exact(1, 9) == pytest.approx(22 / 1024)       # binom.test(1, 10) in R: 0.02148
+    assert mcnemar_exact(2, 8) == pytest.approx(0.109375)         # binom.test(2, 10): 0.1094
+    assert mcnemar_exact(0, 20) == pytest.approx(2 / 2 ** 20)
+    assert mcnemar_exact(5, 5) == mcnemar_exact(0, 0) == 1.0
+
 
 def test_wilson_interval_values():
     """Against the closed form (Wilson 1927) at z = 1.96: 5/10 → [0.2366, 0.7634]; 0/20 → [0, 0.1611]."""

@@ -19,8 +19,8 @@ from bench.core.errors import BenchError
 from bench.core.threat import threat_key
 from bench.store import Store, database_url
 from bench.store.migrate import head_revision
-from bench.store.schema import (Checkpoint, Curve, CurvePoint, Evaluation, Run, RunCheckpoint, SampleResult,
-                                SanityCheck, TrainEpoch)
+from bench.store.schema import (AdversarialExample, Checkpoint, Curve, CurvePoint, Evaluation, Run, RunCheckpoint,
+                                SampleResult, SanityCheck, TrainEpoch)
 
 SCHEMA_2_DUMP = Path(__file__).parent / "data" / "results-schema2.sql.gz"
 
@@ -190,6 +190,24 @@ def test_save_evaluation_replaces_the_same_identity(store, db):
         assert sorted(rows) == sorted([(newer.evaluation_id, 4), (other.evaluation_id, 2)])
 
 
+def _example(index, predicted=1):
+    return AdversarialExample(sample_index=index, label=0, predicted=predicted, channels=1, height=2, width=2,
+                              clean=np.zeros(4, np.float16).tobytes(), adversarial=np.full(4, 0.1, np.float16).tobytes())
+
+
+def test_adversarial_examples_are_stored_and_replaced_with_their_evaluation(store, db):
+    first = store.save_evaluation(_evaluation(), [0, 1, 2, 3], [False, False, True, False],
+                                  examples=[_example(0), _example(1)])
+    other = store.save_evaluation(_evaluation(seed=1), [0, 1], [False, True], examples=[_example(0, predicted=2)])
+    got = Store(db).adversarial_examples([first, other], [0, 1, 3])
+    assert [(e.evaluation_id, e.sample_index, e.predicted) for e in got] == [(first, 0, 1), (first, 1, 1), (other, 0, 2)]
+    assert np.frombuffer(got[0].adversarial, np.float16).tolist() == [np.float16(0.1)] * 4
+    newer = store.save_evaluation(_evaluation(), [0, 1, 2, 3], [True, True, True, False], examples=[_example(3)])
+    assert [(e.evaluation_id, e.sample_index) for e in store.adversarial_examples([first, newer, other], range(4))] == \
+        [(other, 0), (newer, 3)]                              # the replaced evaluation's examples went with it
+    assert _count(store, AdversarialExample.__table__) == 2
+
+
 def test_a_failing_save_keeps_the_old_evaluation(store, db):
     old = _evaluation(robust_acc=0.5)
     store.save_evaluation(old, [0, 1, 2, 3], [True, True, False, False])
@@ -234,7 +252,8 @@ def test_schema_revision_is_recorded(sqlite_db):
         assert con.execute("select version_num from alembic_version").fetchall() == [(head_revision(),)]
         tables = {r[0] for r in con.execute("select name from sqlite_master where type = 'table'")}
     assert {"runs", "train_epochs", "checkpoints", "run_checkpoints", "evaluations", "sample_results", "curves",
-            "curve_points", "sanity_checks", "remedy_outcomes", "jobs", "job_dependencies", "alembic_version"} == tables
+            "curve_points", "sanity_checks", "jobs", "job_dependencies", "adversarial_examples", "remedy_outcomes",
+            "alembic_version"} == tables
     Store(sqlite_db)  # reopening neither adds a row nor migrates
     with sqlite3.connect(sqlite_db) as con:
         assert con.execute("select version_num from alembic_version").fetchall() == [(head_revision(),)]
@@ -393,8 +412,29 @@ def test_unopenable_database_is_a_bench_error(tmp_path, monkeypatch):
         Store(str(tmp_path / "garbage.db"))
 
 
-def test_a_revision_3_database_gains_remedy_outcomes_as_a_new_one_has_them(tmp_path):
-    """Alembic 0004 adds `remedy_outcomes` to a database at 0003 (jobs): the same columns, types,
+def test_a_revision_0003_database_gains_the_examples_table_and_keeps_its_rows(sqlite_db):
+    """A results.db written before the adversarial examples (Alembic revision 0003) is upgraded in
+    place: the new table appears, every row stays."""
+    store = Store(sqlite_db)
+    checkpoint_id = store.register_checkpoint(SHA, "a.pt", PROV)
+    store.save_evaluation(_evaluation(checkpoint_id=checkpoint_id), [0, 1, 2, 3], [True, False, True, False])
+    with sqlite3.connect(sqlite_db) as con:
+        con.execute("drop table remedy_outcomes")
+        con.execute("drop table adversarial_examples")
+        con.execute("update alembic_version set version_num = '0003'")
+        before = {t: con.execute(f"select * from {t}").fetchall() for t in ("checkpoints", "evaluations", "sample_results")}
+    store = Store(sqlite_db)
+    with sqlite3.connect(sqlite_db) as con:
+        assert con.execute("select version_num from alembic_version").fetchall() == [(head_revision(),)] == [("0005",)]
+        assert {t: con.execute(f"select * from {t}").fetchall() for t in before} == before
+        assert con.execute("select count(*) from adversarial_examples").fetchone() == (0,)
+    evaluation_id = store.save_evaluation(_evaluation(checkpoint_id=checkpoint_id, seed=1), [0, 1], [False, True],
+                                          examples=[_example(0)])
+    assert [e.sample_index for e in store.adversarial_examples([evaluation_id], [0, 1])] == [0]
+
+
+def test_a_revision_0004_database_gains_remedy_outcomes_as_a_new_one_has_them(tmp_path):
+    """Alembic 0005 adds `remedy_outcomes` to a database at 0004 (adversarial examples): the same columns, types,
     keys and indexes as a database created now, and the older rows stay."""
     def schema(path):
         with sqlite3.connect(path) as con:
@@ -408,7 +448,7 @@ def test_a_revision_3_database_gains_remedy_outcomes_as_a_new_one_has_them(tmp_p
         s.add(_run())
     with sqlite3.connect(old) as con:
         con.execute("drop table remedy_outcomes")
-        con.execute("update alembic_version set version_num = '0003'")
+        con.execute("update alembic_version set version_num = '0004'")
     with Store(str(old)).session() as s:
         assert s.get(Run, "run-1") is not None
     assert schema(old) == schema(fresh) and schema(fresh)[0]

@@ -1,4 +1,4 @@
-"""Command line: `python -m bench list | train | eval | run | report`."""
+"""Command line: `python -m bench list | train | eval | run | perf | export | report`."""
 
 from __future__ import annotations
 
@@ -9,22 +9,8 @@ from pathlib import Path
 
 import torch
 
+from bench.app.api import DEFAULT_ATTACKS, pick_device
 from bench.core.errors import BenchError
-
-DEFAULT_ATTACKS = ("fgsm", "pgd20=pgd:steps=20", "pgd100=pgd:steps=100", "pgd_cw=pgd:loss=cw,steps=30", "mim")
-
-
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise BenchError(f"unknown device {name!r}; accepted: cpu, cuda, cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda was asked for, but no CUDA GPU is available; use --device cpu")
-    return device
-
 
 class Parser(argparse.ArgumentParser):
     """argparse with every error on one line, exit status 2."""
@@ -84,18 +70,6 @@ def parse_remedies(items: list[str] | None) -> dict:
     return out
 
 
-def parse_attack(text: str):
-    """`LABEL=NAME:key=value,key=value`, `NAME:key=value` or `NAME`."""
-    from bench.core.config import parse_assignments
-    from bench.engine.evaluation import AttackSpec
-
-    label, sep, rest = text.partition("=")
-    if not sep or ":" in label:
-        label, rest = text.split(":", 1)[0], text
-    name, _, args = rest.partition(":")
-    return AttackSpec(label.strip(), name.strip(), parse_assignments([a for a in args.split(",") if a]))
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="bench", description="Train and evaluate adversarial-training defenses; "
                                      "store per-sample results in SQLite; render a static HTML leaderboard.")
@@ -121,10 +95,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoints", default="checkpoints", help="checkpoint folder (default: checkpoints)")
     _common(p)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint with attacks")
-    p.add_argument("checkpoint")
+    p = sub.add_parser("eval", help="evaluate a checkpoint, or any model, with attacks")
+    p.add_argument("checkpoint", nargs="?", help="an atbench model checkpoint (best.pt, last.pt); or give --model "
+                   "or --robustbench")
+    p.add_argument("--model", metavar="PKG.MODULE:FACTORY", help="a model defined outside atbench: the function or "
+                   "class that builds it (importable from here), called with the --model-arg values")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="argument of the factory (repeatable)")
+    p.add_argument("--weights", metavar="FILE", help="weights of --model: a torch.save file holding its state dict, "
+                   "read with weights_only=True (no code in it runs)")
+    p.add_argument("--robustbench", metavar="NAME", help="a RobustBench model zoo entry, e.g. Standard "
+                   "(needs pip install 'atbench[robustbench]')")
+    p.add_argument("--model-dir", default="models", help="where RobustBench weights are kept: DIR/DATASET/NORM/NAME.pt "
+                   "(default: models)")
+    p.add_argument("--name", help="the model's name in the store and the report (default: the factory with its "
+                   "arguments, or the RobustBench name); with its weights it identifies the model")
+    p.add_argument("--dataset", help="dataset of --model or --robustbench")
+    p.add_argument("--norm", default=None, help="threat model of --model or --robustbench: Linf or L2 "
+                   "(default: the dataset's)")
+    p.add_argument("--eps", default=None, help="its eps, a number or a fraction like 8/255 (default: the dataset's)")
+    p.add_argument("--normalize", metavar="MEAN,STD", help="--model expects normalized inputs: mean and std (one "
+                   "number each, or one per channel: the means, then the stds); eps stays in pixel units")
     p.add_argument("--attack", action="append", metavar="[LABEL=]NAME[:k=v,...]",
-                   help=f"attack to run (repeatable; default: {' '.join(DEFAULT_ATTACKS)}); norm and eps default to the checkpoint's")
+                   help=f"attack to run (repeatable; default: {' '.join(DEFAULT_ATTACKS)}); norm and eps default to the "
+                   "checkpoint's")
     p.add_argument("--n-samples", type=count(1), default=None, help="size of the fixed evaluation subset (default: whole test set)")
     p.add_argument("--seed", type=count(0), default=0)
     p.add_argument("--batch-size", type=count(1), default=256)
@@ -176,8 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default=None)
     q.add_argument("--db", default="results.db")
 
+    p = sub.add_parser("export", help="write the leaderboard in another benchmark's format")
+    p.add_argument("--robustbench", required=True, metavar="DIR", help="one RobustBench model_info JSON per "
+                   "leaderboard row, as DIR/DATASET/NORM/NAME.json")
+    _common(p, data=False)
+
     p = sub.add_parser("report", help="render the HTML leaderboard from the store")
     p.add_argument("--out", default="reports")
+    p.add_argument("--claims", default=None, metavar="DIR",
+                   help="folder of RobustBench model-info JSONs (model_info/<dataset>/<Linf|L2>/<id>.json) to show as "
+                        "claims besides the seed papers' (default: ./claims when it exists)")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                   help="also write the page comparing two runs sample by sample (run id, unique prefix or label; "
+                        "RUN:last for the last checkpoint)")
     _common(p, data=False)
     return parser
 
@@ -216,58 +220,100 @@ def cmd_train(args) -> None:
                    model_params=parse_assignments(args.model_param), dataset_options=dataset_options, seed=args.seed,
                    label=args.label or args.defense)
     spec.canonical()
-    result = train(spec, data, store=Store(args.db), checkpoint_root=args.checkpoints, device=_device(args.device),
+    result = train(spec, data, store=Store(args.db), checkpoint_root=args.checkpoints, device=pick_device(args.device),
                    force=args.force)
     state = "trained" if result.trained_now else "already trained (use --force to retrain)"
     print(f"run {result.run_id} {state}: checkpoints in {result.directory}/ (best.pt, last.pt)")
 
 
 def cmd_eval(args) -> None:
-    from bench.core.config import build_config
+    from bench.app.api import attack_specs, curve_settings, run_evaluation
     from bench.core.data import load_dataset
-    from bench.core.threat import ThreatModel
-    from bench.engine.adaptive import AdaptiveSettings, describe
-    from bench.engine.checkpoint import load_model
-    from bench.engine.curves import CurveSettings
-    from bench.engine.stage import evaluate_checkpoint
+    from bench.engine.adaptive import adaptive_settings
     from bench.store import Store
 
-    _, meta = load_model(args.checkpoint)
-    specs = [parse_attack(a) for a in (args.attack or DEFAULT_ATTACKS)]
-    for spec in specs:
-        spec.params.setdefault("norm", meta["norm"])
-        spec.params.setdefault("eps", meta["eps"] if spec.params["norm"] == meta["norm"] else None)
-        if spec.params["eps"] is None:
-            raise BenchError(f"attack {spec.label!r} uses {spec.params['norm']} but the checkpoint was trained for "
-                             f"{meta['norm']}: give its eps, e.g. {spec.attack}:norm=\"L2\",eps=0.5")
-        spec.build()
-    curves = None if args.no_curves else build_config(CurveSettings, {"n_samples": args.curve_samples}, "--curve-samples")
-    adaptive = None if args.no_adaptive or args.no_sanity else build_config(
-        AdaptiveSettings, {"warned": args.adaptive_warned, "remedies": parse_remedies(args.remedy)}, "--remedy")
-    data = load_dataset(meta["dataset"], data_dir=args.data_dir, **meta.get("dataset_options", {}))
-    store = Store(args.db)
-    print(f"evaluating {args.checkpoint} ({meta['dataset']}, trained for {meta['norm']} eps={meta['eps']:g})")
-    report = evaluate_checkpoint(store, args.checkpoint, data, specs, n_samples=args.n_samples, seed=args.seed,
-                                 batch_size=args.batch_size, device=_device(args.device), force=args.force,
-                                 curves=curves, sanity=not args.no_sanity, adaptive=adaptive,
-                                 checkpoint_root=args.checkpoints)
-    outcomes = report.outcomes
-    ids = [o.evaluation_id for o in outcomes]
-    acc, n = store.sample_matrix(ids).worst_case()
-    print(f"  {'worst case':<12} {acc:7.2%}  (per-sample AND over {len(outcomes)} evaluations, n={n})")
-    if args.no_sanity:
-        return
-    threat = ThreatModel(meta["norm"], meta["eps"]).key
-    remedied = {o.check: o for o in store.remedy_outcomes(report.checkpoint_id, threat)} if adaptive else {}
-    extra = [e.evaluation_id for e in store.attack_evaluations(report.checkpoint_id, threat, role="adaptive")]
-    if remedied and extra:
-        acc, n = store.sample_matrix(ids + extra).worst_case()
-        print(f"  {'adaptive worst case':<12} {acc:7.2%}  (with {len(extra)} adaptive evaluations, n={n})")
-    for row in store.stored_checks(report.checkpoint_id, threat):
-        if row.status in ("fail", "warn"):
-            print(f"  {row.status.upper():<4} {row.name}: {row.summary}")
-            if row.name in remedied:
-                print(f"       {row.name}: {describe(remedied[row.name])}")
+    subject, data = _eval_subject(args)
+    what = "the checkpoint" if args.checkpoint else "the model"
+    specs = attack_specs(args.attack, subject.threat, what)
+    curves = None if args.no_curves else curve_settings(args.curve_samples)
+    adaptive = None if args.no_adaptive or args.no_sanity else adaptive_settings(
+        {"warned": args.adaptive_warned, **parse_remedies(args.remedy)}, "--remedy")
+    data = data or load_dataset(subject.dataset, data_dir=args.data_dir, **subject.dataset_options)
+    device = pick_device(args.device)
+    store = Store(args.db)  # opened only once the input is known to be good
+    if args.checkpoint:
+        print(f"evaluating {args.checkpoint} ({subject.dataset}, trained for {subject.threat})")
+    else:
+        print(f"evaluating {subject.info['name']} ({subject.dataset}, {subject.threat}; sha256 {subject.sha256[:12]})")
+    result = run_evaluation(store, subject, data, specs, n_samples=args.n_samples, seed=args.seed,
+                            batch_size=args.batch_size, device=device, force=args.force, curves=curves,
+                            sanity=not args.no_sanity, adaptive=adaptive, checkpoint_root=args.checkpoints)
+    print(f"  {'worst case':<12} {result.worst_case:7.2%}  (per-sample AND over {len(result.evaluation_ids)} "
+          f"evaluations, n={result.n_samples})")
+    if result.adaptive_worst_case is not None:
+        print(f"  {'adaptive worst case':<12} {result.adaptive_worst_case:7.2%}  (with "
+              f"{len(result.adaptive_ids)} adaptive evaluations, n={result.adaptive_n})")
+    for name, check in result.checks.items():
+        if check.status in ("fail", "warn"):
+            print(f"  {check.status.upper():<4} {name}: {check.summary}")
+            if name in result.remedies:
+                print(f"       {name}: {result.remedies[name]}")
+
+
+def _eval_subject(args):
+    """The model `bench eval` was given (a checkpoint file, --model or --robustbench) as a Subject,
+    and the dataset when it had to be loaded to build it (else None)."""
+    from bench.core.config import parse_assignments
+    from bench.core.data import load_dataset
+    from bench.core.threat import ThreatModel, parse_eps
+    from bench.engine.external import build_factory, load_weights, normalized, parse_normalize
+    from bench.engine.subject import Subject
+
+    given = [flag for flag, value in (("CHECKPOINT", args.checkpoint), ("--model", args.model),
+                                      ("--robustbench", args.robustbench)) if value]
+    if len(given) != 1:
+        raise BenchError("bench eval takes one model: a CHECKPOINT file, --model PKG.MODULE:FACTORY or "
+                         "--robustbench NAME" + (f" (got {' and '.join(given)})" if given else ""))
+    only = {"--model-arg": args.model_arg, "--weights": args.weights, "--normalize": args.normalize}
+    if not args.model and any(only.values()):
+        raise BenchError(f"{', '.join(k for k, v in only.items() if v)} go(es) with --model")
+    if args.checkpoint:
+        extra = [flag for flag, value in (("--dataset", args.dataset), ("--norm", args.norm), ("--eps", args.eps),
+                                          ("--name", args.name)) if value]
+        if extra:
+            raise BenchError(f"{', '.join(extra)} describe(s) --model or --robustbench; a checkpoint file records "
+                             f"its dataset and threat model")
+        return Subject.from_checkpoint(args.checkpoint), None
+    if not args.dataset:
+        raise BenchError(f"{given[0]} needs --dataset (e.g. --dataset cifar10)")
+    if args.robustbench:
+        from bench.app.robustbench import package
+
+        package()  # what to install, before any data is loaded
+    data = load_dataset(args.dataset, data_dir=args.data_dir)
+    default = data.default_threat
+    norm = args.norm or default.norm
+    if args.eps is None and norm != default.norm:
+        raise BenchError(f"--norm {norm} needs --eps ({args.dataset}'s default threat model is {default})")
+    threat = ThreatModel(norm, parse_eps(args.eps, "--eps") if args.eps is not None else default.eps)
+    if args.robustbench:
+        from bench.app.robustbench import zoo_model
+
+        model, path = zoo_model(args.robustbench, args.dataset, norm, args.model_dir)
+        name = args.name or args.robustbench
+        info = {"source": "robustbench", "robustbench": args.robustbench, "architecture": type(model).__name__}
+        return Subject.external(model, name, data, threat, path=str(path), info=info), data
+    model_args = parse_assignments(args.model_arg)
+    model = build_factory(args.model, model_args)
+    if args.weights:
+        load_weights(model, args.weights)
+    stats = parse_normalize(args.normalize, data.input_shape[0]) if args.normalize else None
+    if stats:
+        model = normalized(model, *stats)
+    name = args.name or args.model + (f"({', '.join(f'{k}={v!r}' for k, v in model_args.items())})" if model_args else "")
+    info = {"source": "factory", "factory": args.model, "model_args": model_args, "weights": args.weights,
+            "normalize": list(stats) if stats else None, "architecture": args.model}
+    return Subject.external(model, name, data, threat, path=args.weights, info=info), data
 
 
 def _options(args, device: torch.device):
@@ -286,7 +332,7 @@ def cmd_run(args) -> None:
     from bench.store import Store
 
     suite = load_suite(args.suite)
-    device = _device(args.device)
+    device = pick_device(args.device)
     data = load_suite_data(suite, args.data_dir)
     store = Store(args.db)  # opened only once the input is known to be good
     options = _options(args, device)
@@ -344,26 +390,43 @@ def cmd_plan(args) -> None:
 def cmd_worker(args) -> None:
     from bench.app.worker import work
 
-    ran = work(args.db, args.checkpoints, str(_device(args.device)), threads=args.threads, data_dir=args.data_dir,
+    ran = work(args.db, args.checkpoints, str(pick_device(args.device)), threads=args.threads, data_dir=args.data_dir,
                lease_seconds=args.lease)
     print(f"worker: ran {ran} job(s); none left")
 
 
 def cmd_report(args) -> None:
-    from bench.app.report import render_report
+    from bench.app.report import render_comparison, render_report
     from bench.store import Store
 
     if "://" not in args.db and not os.path.exists(args.db):
         raise BenchError(f"database {args.db!r} does not exist; run a suite first (python -m bench run --suite suites/demo.toml)")
-    index = render_report(Store(args.db, readonly=True), args.out)
+    claims = args.claims if args.claims is not None else ("claims" if os.path.isdir("claims") else None)
+    if claims is not None and not os.path.isdir(claims):
+        raise BenchError(f"claims folder {claims!r} does not exist")
+    store = Store(args.db, readonly=True)
+    index = render_report(store, args.out, claims_dir=claims)
     print(f"report: {Path(index).resolve()}")
+    if args.compare:
+        page = render_comparison(store, args.out, *args.compare, claims_dir=claims)
+        print(f"comparison: {Path(page).resolve()}")
+
+
+def cmd_export(args) -> None:
+    from bench.app.robustbench import export_model_info
+    from bench.store import Store
+
+    if "://" not in args.db and not os.path.exists(args.db):
+        raise BenchError(f"database {args.db!r} does not exist; run a suite or bench eval first")
+    paths = export_model_info(Store(args.db), args.robustbench)
+    print(f"wrote {len(paths)} RobustBench model_info file(s) under {Path(args.robustbench).resolve()}")
 
 
 def cmd_perf(args) -> None:
     from bench.app.perf import DEFAULT_ATTACKS, load_reference, perf_eval
     from bench.core.data import eval_indices
 
-    device = _device(args.device)
+    device = pick_device(args.device)
     model, data, norm, eps = load_reference(args.checkpoint, args.checkpoints, args.db, args.data_dir, device)
     idx = torch.tensor(eval_indices(len(data.test_x), args.n_samples))
     print(f"perf eval: {model.spec['name']} on {data.name}, {norm} eps={eps:g}, {len(idx)} samples, "
@@ -373,7 +436,7 @@ def cmd_perf(args) -> None:
 
 
 COMMANDS = {"list": cmd_list, "train": cmd_train, "eval": cmd_eval, "run": cmd_run, "plan": cmd_plan,
-            "worker": cmd_worker, "perf": cmd_perf, "report": cmd_report}
+            "worker": cmd_worker, "perf": cmd_perf, "export": cmd_export, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

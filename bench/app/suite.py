@@ -45,6 +45,7 @@ from bench.engine.runspec import RunSpec, build_train_config
 TOP_KEYS = ("name", "description", "dataset", "dataset_options", "seed", "threat", "model", "training",
             "evaluation", "curves", "adaptive", "defenses", "attacks", "planted")
 CHECKPOINT_KINDS = ("best", "last")
+SOURCE_SUITES = Path(__file__).resolve().parents[2] / "suites"  # the suites of a source checkout
 
 
 @dataclass(frozen=True)
@@ -165,21 +166,7 @@ def parse_suite(doc: dict[str, Any], path: Path) -> Suite:
         spec.canonical()  # validates the defense name and parameters now
         runs.append(spec)
 
-    attacks = []
-    for label, entry in _table(doc, "attacks", where).items():
-        if not isinstance(entry, dict):
-            raise BenchError(f"{where}: attacks.{label} must be a table ([attacks.{label}] with its parameters), "
-                             f"got {entry!r}")
-        params = dict(entry)
-        name = params.pop("attack", label)
-        params.setdefault("norm", threat.norm)
-        if "eps" not in params and params["norm"] != threat.norm:
-            raise BenchError(f"{where} [attacks.{label}] uses {params['norm']} but the suite's threat model is "
-                             f"{threat.norm}: give its eps (eps = ...)")
-        params["eps"] = parse_eps(params.get("eps", threat.eps), f"attack {label!r} eps")
-        spec = AttackSpec(label, name, params)
-        spec.build()  # validates the attack name and parameters now
-        attacks.append(spec)
+    attacks = parse_attacks(_table(doc, "attacks", where), threat, where)
 
     settings = build_config(EvalSettings, _table(doc, "evaluation", where), f"{where} [evaluation]")
     curves = build_config(CurveSettings, _table(doc, "curves", where), f"{where} [curves]") if settings.curves else None
@@ -202,6 +189,51 @@ def parse_suite(doc: dict[str, Any], path: Path) -> Suite:
     return Suite(name=doc.get("name", path.stem), path=path, dataset=doc["dataset"], dataset_options=dataset_options,
                  threat=threat, runs=runs, attacks=attacks, evaluation=settings, curves=curves, planted=planted,
                  adaptive=adaptive)
+
+
+def parse_attacks(table: dict, threat: ThreatModel, where: str = "suite") -> list[AttackSpec]:
+    """A suite's [attacks.LABEL] tables as specs, norm and eps defaulting to `threat`; validated."""
+    attacks = []
+    for label, entry in table.items():
+        if not isinstance(entry, dict):
+            raise BenchError(f"{where}: attacks.{label} must be a table ([attacks.{label}] with its parameters), "
+                             f"got {entry!r}")
+        params = dict(entry)
+        name = params.pop("attack", label)
+        params.setdefault("norm", threat.norm)
+        if "eps" not in params and params["norm"] != threat.norm:
+            raise BenchError(f"{where} [attacks.{label}] uses {params['norm']} but the suite's threat model is "
+                             f"{threat.norm}: give its eps (eps = ...)")
+        params["eps"] = parse_eps(params.get("eps", threat.eps), f"attack {label!r} eps")
+        spec = AttackSpec(label, name, params)
+        spec.build()  # validates the attack name and parameters now
+        attacks.append(spec)
+    return attacks
+
+
+def find_suite(name: str | Path) -> Path:
+    """A suite file: `name` itself when it is a file, else `suites/NAME.toml` here or in the source tree."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for folder in (Path("suites"), SOURCE_SUITES):
+        candidate = folder / f"{name}.toml"
+        if candidate.is_file():
+            return candidate
+    known = sorted({p.stem for folder in (Path("suites"), SOURCE_SUITES) if folder.is_dir()
+                    for p in folder.glob("*.toml")})
+    raise BenchError(f"no suite {str(name)!r}" + (f"; suites: {', '.join(known)}" if known else ""))
+
+
+def suite_attacks(name: str | Path, threat: ThreatModel) -> list[AttackSpec]:
+    """The [attacks] of a suite (a name or a file), norm and eps defaulting to `threat` instead of
+    the suite's own threat model."""
+    path = find_suite(name)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise BenchError(f"suite {str(path)!r} is not valid TOML: {exc}") from None
+    return parse_attacks(_table(doc, "attacks", f"suite {str(path)!r}"), threat)
 
 
 def load_suite_data(suite: Suite, data_dir: str | None = None) -> Dataset:

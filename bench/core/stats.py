@@ -42,6 +42,16 @@ def paired_difference(a: np.ndarray, b: np.ndarray, z: float = Z) -> tuple[float
     return theta, theta - lower, theta + upper
 
 
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided p-value of McNemar's exact test for paired booleans: `only_a` and `only_b` are the
+    discordant counts (true for one, false for the other); under the null each discordant pair
+    falls either way with probability 1/2, so p = min(1, 2·P(X ≤ min) for X ~ Binomial(n, 1/2))."""
+    n, k = only_a + only_b, min(only_a, only_b)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
 def mean_difference(a: np.ndarray, b: np.ndarray, z: float = Z) -> tuple[float, float, float]:
     """mean(a − b) for paired real values, with a normal confidence interval."""
     d = np.asarray(a, float) - np.asarray(b, float)

@@ -66,9 +66,9 @@ def check_writable(folder: str | Path) -> None:
 
 def stored_path(path: str | Path, checkpoint_root: str | Path) -> str:
     """How the store records a checkpoint's location: relative to the checkpoint root when it lies
-    under it (so workers on other hosts, with the root mounted elsewhere, find it), else absolute."""
-    path, root = Path(path).resolve(), Path(checkpoint_root).resolve()
-    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+    under it (so workers on other hosts, with the root mounted elsewhere, find it), else as given."""
+    resolved, root = Path(path).resolve(), Path(checkpoint_root).resolve()
+    return resolved.relative_to(root).as_posix() if resolved.is_relative_to(root) else str(path)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -79,23 +79,29 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def safe_load(path: str | Path, expected_format: str) -> dict:
-    """Load a checkpoint without executing code; any problem is a one-line BenchError."""
+def torch_file(path: str | Path, what: str = "checkpoint"):
+    """The object in a file written by `torch.save`, loaded without executing code
+    (`weights_only=True`); any problem is a one-line BenchError naming the file as `what`."""
     path = Path(path)
     if not path.is_file():
-        raise BenchError(f"checkpoint {str(path)!r} does not exist")
+        raise BenchError(f"{what} {str(path)!r} does not exist")
     if not zipfile.is_zipfile(path):
-        raise BenchError(f"checkpoint {str(path)!r} is corrupted or not a PyTorch file (torch.save writes a zip archive)")
+        raise BenchError(f"{what} {str(path)!r} is corrupted or not a PyTorch file (torch.save writes a zip archive)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         lines = [line.strip() for line in str(exc).splitlines() if "Unsupported" in line or "WeightsUnpickler" in line]
         reason = lines[0] if lines else exc.__class__.__name__
         raise BenchError(f"refusing to load {str(path)!r}: it holds Python objects that safe loading "
                          f"(weights_only=True) will not run ({reason[:200]})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise BenchError(f"checkpoint {str(path)!r} is corrupted or not a PyTorch file "
+        raise BenchError(f"{what} {str(path)!r} is corrupted or not a PyTorch file "
                          f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+
+
+def safe_load(path: str | Path, expected_format: str) -> dict:
+    """Load an atbench checkpoint without executing code; any problem is a one-line BenchError."""
+    obj = torch_file(path)
     if not isinstance(obj, dict) or obj.get("format") != expected_format:
         raise BenchError(f"{str(path)!r} is not an atbench {expected_format.split('-', 1)[1]} file "
                          f"(expected a dict with format={expected_format!r})")

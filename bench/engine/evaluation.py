@@ -1,6 +1,6 @@
-"""Evaluations of one checkpoint: an attack (or `clean`) run over a recorded sample set, per
-sample, stored with provenance. `bench.engine.stage` runs the whole evaluation stage (attacks →
-curves → sanity checks) with it.
+"""Evaluations of one model (a checkpoint file, or any model: `bench.engine.subject`): an attack
+(or `clean`) run over a recorded sample set, per sample, stored with provenance.
+`bench.engine.stage` runs the whole evaluation stage (attacks → curves → sanity checks) with it.
 
 An evaluation is identified by (checkpoint, attack, attack config + implementation and revision +
 adversary-library revision + protocol, sample indices, seed); one that is already stored is
@@ -30,13 +30,14 @@ from bench.core.errors import BenchError
 from bench.core.models import eval_mode
 from bench.core.rng import batch_seed, fork_rng
 from bench.core.threat import BALL_TOLERANCE, ThreatModel, perturbation_norms
-from bench.engine.checkpoint import load_model, sha256_file, stored_path
+from bench.engine.checkpoint import stored_path
 from bench.engine.counting import count_passes
 from bench.engine.pretrained import Pretrained
 from bench.engine.provenance import provenance
+from bench.engine.subject import Subject
 from bench.engine.trainer import train
 from bench.store import Store
-from bench.store.schema import Evaluation
+from bench.store.schema import EXAMPLES_PER_EVALUATION, AdversarialExample, Evaluation
 
 CLEAN = "clean"
 PROTOCOL = 2  # 2: per-batch seeding. Part of every evaluation's identity: bump it when results change.
@@ -69,13 +70,26 @@ class Outcome:
 
 
 @dataclass
+class FooledSample:
+    """A sample an attack fooled: its position in the attacked batch sequence, clean and
+    adversarial pixels, true label and adversarial prediction."""
+
+    position: int
+    clean: torch.Tensor
+    adversarial: torch.Tensor
+    label: int
+    predicted: int
+
+
+@dataclass
 class AttackResult:
     """Per-sample outcome of one attack (or of `clean`) on a sample set.
 
     `correct`: still classified correctly (for a minimum-norm attack: no adversarial point within
     eps); `norms`: distance of the returned point (minimum-norm attacks: NaN where none was found);
     `losses`: cross-entropy at the returned point; `ever_fooled`: an observed iterate or the returned
-    point was misclassified (None when the attack observes no iterates)."""
+    point was misclassified (None when the attack observes no iterates); `fooled`: the first fooled
+    samples' images, as many as asked for."""
 
     correct: torch.Tensor
     norms: torch.Tensor | None
@@ -85,6 +99,7 @@ class AttackResult:
     forward: int
     backward: int
     seconds: float
+    fooled: list[FooledSample] = field(default_factory=list)
 
     @property
     def silent_success(self) -> torch.Tensor | None:
@@ -115,12 +130,13 @@ def sample_digest(data: Dataset, indices: Sequence[int]) -> str:
 
 
 def run_attack(model: nn.Module, attack: Attack | None, x: torch.Tensor, y: torch.Tensor,
-               batch_size: int, seed: int | None = None) -> AttackResult:
+               batch_size: int, seed: int | None = None, keep_fooled: int = 0) -> AttackResult:
     """Per-sample results under `attack` (None: clean), with the attack's forward/backward passes
-    and seconds; with `seed`, each batch reseeds the global RNG (`batch_seed`). Checks every
+    and seconds, and the images of the first `keep_fooled` samples it fooled; with `seed`, each
+    batch reseeds the global RNG (`batch_seed`). Checks every
     returned point lies in [0, 1] and (unless the attack is minimum-norm) in the eps ball: an
     attack that leaves its threat model is a bug, not a result."""
-    correct, norms, losses, ever, traces = [], [], [], [], []
+    correct, norms, losses, ever, traces, kept = [], [], [], [], [], []
     with eval_mode(model), count_passes(model) as counter:
         start = time.perf_counter()
         for i in range(0, len(x), batch_size):
@@ -156,6 +172,8 @@ def run_attack(model: nn.Module, attack: Attack | None, x: torch.Tensor, y: torc
                     ever.append(fooled.cpu())
                     traces.append([step.loss.mean().item() for step in trace
                                    if step.index is None and step.loss is not None])
+                for k in (~ok).nonzero().flatten().tolist()[:keep_fooled - len(kept)]:
+                    kept.append(FooledSample(i + k, xb[k].cpu(), xa[k].cpu(), int(yb[k]), int(logits[k].argmax())))
             correct.append(ok.cpu())
             losses.append(F.cross_entropy(logits, yb, reduction="none").cpu())
         seconds = time.perf_counter() - start
@@ -163,7 +181,7 @@ def run_attack(model: nn.Module, attack: Attack | None, x: torch.Tensor, y: torc
     sizes = [min(batch_size, len(x) - i) for i in range(0, len(x), batch_size)]
     return AttackResult(torch.cat(correct), torch.cat(norms) if norms else None, torch.cat(losses),
                         torch.cat(ever) if len(ever) == len(sizes) and sizes else None,
-                        _mean_trace(traces, sizes), forward, backward, seconds)
+                        _mean_trace(traces, sizes), forward, backward, seconds, kept)
 
 
 def _mean_trace(traces: list[list[float]], sizes: list[int]) -> list[float] | None:
@@ -183,28 +201,28 @@ def thin(values: Sequence[float], points: int = TRACE_POINTS) -> list[float]:
 
 
 class Evaluator:
-    """Evaluations of one loaded checkpoint on its dataset: finds stored ones, runs and stores new
-    ones. The checkpoint is registered in the store by its sha256 (`checkpoint_id`)."""
+    """Evaluations of one model (a `Subject`, or the path of a checkpoint file) on its dataset:
+    finds stored ones, runs and stores new ones. Its checkpoint is registered in the store by its
+    sha256 (`checkpoint_id`)."""
 
-    def __init__(self, store: Store, checkpoint: str | Path, data: Dataset, *, seed: int = 0,
+    def __init__(self, store: Store, subject: Subject | str | Path, data: Dataset, *, seed: int = 0,
                  batch_size: int = 256, device: torch.device | str = "cpu", force: bool = False,
                  checkpoint_root: str | Path = "checkpoints", log: Callable[[str], None] = print):
-        self.store, self.checkpoint, self.data, self.seed = store, str(checkpoint), data, seed
+        if not isinstance(subject, Subject):
+            subject = Subject.from_checkpoint(subject)
+        self.store, self.checkpoint, self.data, self.seed = store, subject.path, data, seed
         self.batch_size, self.device, self.force, self.log = batch_size, torch.device(device), force, log
-        model, meta = load_model(checkpoint)
-        if meta["dataset"] != data.name:
-            raise BenchError(f"checkpoint {self.checkpoint!r} was trained on {meta['dataset']!r}, not {data.name!r}")
-        if meta.get("dataset_options", {}) != data.options:
+        if subject.dataset != data.name:
+            raise BenchError(f"checkpoint {self.checkpoint!r} was trained on {subject.dataset!r}, not {data.name!r}")
+        if subject.dataset_options != data.options:
             raise BenchError(f"checkpoint {self.checkpoint!r} was trained on {data.name!r} with options "
-                             f"{meta.get('dataset_options', {})}, not {data.options}")
-        self.model, self.meta = model.to(self.device), meta
-        self.threat = ThreatModel(meta["norm"], meta["eps"])
-        self.sha = sha256_file(checkpoint)
+                             f"{subject.dataset_options}, not {data.options}")
+        self.model, self.threat = subject.model.to(self.device), subject.threat
         self.checkpoint_id = store.register_checkpoint(
-            self.sha, stored_path(checkpoint, checkpoint_root), provenance(self.device, {"checkpoint": self.checkpoint}, seed))
-        spec = meta["model_spec"]
-        self.pretrained = Pretrained(data, store, Path(checkpoint_root), self.device, self.threat, spec["name"],
-                                     spec.get("kwargs", {}), None, seed, trainer=train)
+            subject.sha256, stored_path(self.checkpoint, checkpoint_root) if Path(self.checkpoint).is_file()
+            else self.checkpoint, provenance(self.device, {"checkpoint": self.checkpoint, **subject.info}, seed))
+        self.pretrained = Pretrained(data, store, Path(checkpoint_root), self.device, self.threat, subject.architecture,
+                                     subject.architecture_params, None, seed, trainer=train)
         self._prepared: set[int] = set()
         self.fresh: set[int] = set()  # ids of the evaluations this evaluator computed (reused even under force)
 
@@ -253,8 +271,9 @@ class Evaluator:
                            old.backward_passes, old.seconds, True, old.evaluation_id)
         if attack is not None:
             self.prepare(attack)
+        keep = EXAMPLES_PER_EVALUATION if role == "attack" else 0
         with fork_rng(self.device):
-            result = run_attack(self.model, attack, samples.x, samples.y, self.batch_size, self.seed)
+            result = run_attack(self.model, attack, samples.x, samples.y, self.batch_size, self.seed, keep_fooled=keep)
         diagnostics = {}
         if attack is not None:
             diagnostics = _diagnostics(result, samples, attack)
@@ -284,9 +303,17 @@ class Evaluator:
                                                     "adversary": adversary.REVISION}, self.seed))
         evaluation_id = self.store.save_evaluation(row, samples.indices, result.correct.tolist(),
                                                    None if result.norms is None else result.norms.tolist(),
-                                                   result.losses.tolist())
+                                                   result.losses.tolist(), _examples(result.fooled, samples))
         self.fresh.add(evaluation_id)
         return evaluation_id
+
+
+def _examples(fooled: list[FooledSample], samples: SampleSet) -> list[AdversarialExample]:
+    """Store rows of the fooled samples' images (float16 pixels, C×H×W)."""
+    return [AdversarialExample(sample_index=samples.indices[f.position], label=f.label, predicted=f.predicted,
+                               channels=f.clean.shape[0], height=f.clean.shape[1], width=f.clean.shape[2],
+                               clean=f.clean.to(torch.float16).numpy().tobytes(),
+                               adversarial=f.adversarial.to(torch.float16).numpy().tobytes()) for f in fooled]
 
 
 def _finite_mean(values: torch.Tensor) -> float | None:

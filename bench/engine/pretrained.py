@@ -40,7 +40,7 @@ class Pretrained:
     checkpoint_root: Path
     device: torch.device
     threat: ThreatModel
-    model: str
+    model: str  # "" when the asking model has no registered architecture (a model defined elsewhere)
     model_params: dict = field(default_factory=dict)
     train: TrainConfig | None = None  # None: every call must give `train`
     seed: int = 0
@@ -69,6 +69,10 @@ class Pretrained:
         own = self.dependency_train.get(defense, self.train)
         if own is None and not train:
             raise BenchError(f"a pretrained {defense!r} model needs a training config here (give `train`)")
+        if not (model or self.model):
+            raise BenchError(f"{self.asker or 'a caller'} asks for a pretrained {defense!r} run of the evaluated "
+                             f"model's architecture, but that model was defined outside atbench: name a registered "
+                             f"architecture (model=...)")
         base = dataclasses.asdict(own if own is not None else TrainConfig())
         return RunSpec(defense=defense, dataset=self.data.name, model=model or self.model,
                        threat=self.threat, train=build_train_config({**base, **(train or {})}, f"pretrained {defense!r}"),

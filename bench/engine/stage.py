@@ -16,6 +16,7 @@ from bench.engine.adaptive import AdaptiveSettings, run_adaptive
 from bench.engine.curves import CurveSettings, compute_curves
 from bench.engine.evaluation import CLEAN, AttackSpec, Evaluator, Outcome
 from bench.engine.sanity import run_checks
+from bench.engine.subject import Subject
 from bench.store import Store
 
 
@@ -33,15 +34,15 @@ class CheckpointReport:
     adaptive: list | None = None
 
 
-def evaluate_checkpoint(store: Store, checkpoint: str | Path, data: Dataset, specs: Sequence[AttackSpec], *,
+def evaluate_checkpoint(store: Store, checkpoint: Subject | str | Path, data: Dataset, specs: Sequence[AttackSpec], *,
                         n_samples: int | None = None, seed: int = 0, batch_size: int = 256,
                         device: torch.device | str = "cpu", force: bool = False, curves: CurveSettings | None = None,
                         sanity: bool = False, adaptive: AdaptiveSettings | None = None,
                         checkpoint_root: str | Path = "checkpoints", log: Callable[[str], None] = print
                         ) -> CheckpointReport:
-    """Evaluate one checkpoint: clean, then `specs` in order, then the curves (`CurveSettings`, or
-    None for none), then (with `sanity`) the sanity checks and (with `adaptive` settings, after
-    them) the adaptive stage."""
+    """Evaluate one checkpoint (a file, or any model as a `Subject`): clean, then `specs` in order,
+    then the curves (`CurveSettings`, or None for none), then (with `sanity`) the sanity checks and
+    (with `adaptive` settings, after them) the adaptive stage."""
     attacks = [(spec, spec.build()) for spec in specs]  # validate every spec before any work
     for _, attack in attacks:
         attack.threat.check_for(data.input_shape)

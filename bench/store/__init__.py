@@ -29,7 +29,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from bench.core.errors import BenchError
 from bench.store.engine import BUSY_TIMEOUT_S, enable_wal, make_engine
 from bench.store.migrate import prepare_schema
-from bench.store.schema import (Checkpoint, Curve, CurvePoint, Evaluation, Job, JobDependency, RemedyOutcome, Run,
+from bench.store.schema import (AdversarialExample, Checkpoint, Curve, CurvePoint, Evaluation, Job, JobDependency,
+                                RemedyOutcome, Run,
                                 RunCheckpoint, SampleResult, SanityCheck, TrainEpoch, utcnow)
 
 
@@ -230,11 +231,12 @@ class Store:
             Evaluation.config_hash == config_hash, Evaluation.indices_hash == indices_hash, Evaluation.seed == seed))
 
     def save_evaluation(self, evaluation: Evaluation, indices: Sequence[int], correct: Sequence[bool],
-                        norms: Sequence[float] | None = None, losses: Sequence[float] | None = None) -> int:
-        """Insert an evaluation with its per-sample rows, replacing an older one with the same
-        identity in the same transaction (so a failure keeps the old one); returns its id. The
-        curve points that referred to the old row move to the new one, and an old leaderboard
-        column stays one."""
+                        norms: Sequence[float] | None = None, losses: Sequence[float] | None = None,
+                        examples: Sequence[AdversarialExample] = ()) -> int:
+        """Insert an evaluation with its per-sample rows (and the adversarial `examples` it keeps),
+        replacing an older one with the same identity in the same transaction (so a failure keeps
+        the old one); returns its id. The curve points that referred to the old row move to the new
+        one, and an old leaderboard column stays one."""
         with self.session(write=True) as s:
             old = self._find(s, evaluation.checkpoint_id, evaluation.attack, evaluation.config_hash,
                              evaluation.indices_hash, evaluation.seed)
@@ -252,6 +254,7 @@ class Store:
                              perturbation_norm=None if norms is None or norms[k] != norms[k] else float(norms[k]),
                              loss=None if losses is None else float(losses[k]))
                 for k, (i, c) in enumerate(zip(indices, correct))]
+            evaluation.examples = list(examples)
             s.add(evaluation)
             s.flush()
             s.add_all([CurvePoint(curve_id=curve_id, position=position, x=x, evaluation_id=evaluation.evaluation_id)
@@ -316,6 +319,16 @@ class Store:
             where = np.searchsorted(index, common)
             correct[:, k], loss[:, k] = c[where], l[where]
         return SampleMatrix(common, correct, loss)
+
+    def adversarial_examples(self, evaluation_ids: Sequence[int],
+                             sample_indices: Sequence[int]) -> list[AdversarialExample]:
+        """The stored adversarial examples of these evaluations on these samples, by evaluation
+        then sample index."""
+        with self.session() as s:
+            return list(s.scalars(select(AdversarialExample).where(
+                AdversarialExample.evaluation_id.in_(list(evaluation_ids)),
+                AdversarialExample.sample_index.in_([int(i) for i in sample_indices]))
+                .order_by(AdversarialExample.evaluation_id, AdversarialExample.sample_index)))
 
     # ------------------------------------------------------------------ curves
 

@@ -15,7 +15,9 @@ migrations in `bench/store/migrations`.
   one threat model: the remedies it tried, their adaptive evaluations (role "adaptive"), whether
   the re-run check passes (closed) and the adaptive worst case after them;
 - `jobs` (+ `job_dependencies`): a suite's work as a graph (train, plant, evaluate, curves, checks,
-  report), claimed by workers under a lease.
+  report), claimed by workers under a lease;
+- `adversarial_examples`: a few samples an attack evaluation fooled (at most
+  `EXAMPLES_PER_EVALUATION`), clean and adversarial pixels, for the report's comparisons.
 
 Threat models are keyed by `ThreatModel.key` ("Linf:0.2", the exact repr of eps), never by a
 float. Every top-level row carries provenance (git commit, package versions, device, UTC time,
@@ -26,8 +28,12 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text,
+                        UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+EXAMPLES_PER_EVALUATION = 12  # fooled samples whose images an attack evaluation keeps
 
 
 def utcnow() -> dt.datetime:
@@ -134,6 +140,8 @@ class Evaluation(Provenance, Base):
     diagnostics: Mapped[dict | None] = mapped_column(JSON)  # loss trace, silent successes, attack stats
     samples: Mapped[list["SampleResult"]] = relationship(back_populates="evaluation", cascade="all, delete-orphan",
                                                           order_by="SampleResult.sample_index")
+    examples: Mapped[list["AdversarialExample"]] = relationship(cascade="all, delete-orphan",
+                                                                order_by="AdversarialExample.sample_index")
 
 
 class SampleResult(Base):
@@ -245,3 +253,20 @@ class JobDependency(Base):
     __tablename__ = "job_dependencies"
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.job_id"), primary_key=True)
     depends_on: Mapped[int] = mapped_column(ForeignKey("jobs.job_id"), primary_key=True, index=True)
+
+
+class AdversarialExample(Base):
+    """A sample an attack evaluation fooled: its clean and adversarial pixels (float16 bytes in
+    [0, 1], C×H×W), true label and the adversarial prediction. The evaluation stage keeps the first
+    `EXAMPLES_PER_EVALUATION` fooled samples of each attack evaluation, in sample-set order."""
+
+    __tablename__ = "adversarial_examples"
+    evaluation_id: Mapped[int] = mapped_column(ForeignKey("evaluations.evaluation_id"), primary_key=True)
+    sample_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    label: Mapped[int] = mapped_column(Integer)
+    predicted: Mapped[int] = mapped_column(Integer)
+    channels: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    width: Mapped[int] = mapped_column(Integer)
+    clean: Mapped[bytes] = mapped_column(LargeBinary)
+    adversarial: Mapped[bytes] = mapped_column(LargeBinary)

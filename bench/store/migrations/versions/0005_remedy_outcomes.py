@@ -2,15 +2,15 @@
 (`remedy_outcomes`); the adaptive evaluations themselves are ordinary `evaluations` rows with
 role "adaptive".
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: 0005
+Revises: 0004
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0004"
-down_revision = "0003"
+revision = "0005"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
