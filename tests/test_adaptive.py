@@ -10,11 +10,11 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import FIX, HONEST, PLANTED_EPS
 
 from bench.core.stats import paired_difference
 from bench.core.threat import ThreatModel
 from bench.engine.checkpoint import sha256_file
-from conftest import FIX, HONEST, PLANTED_EPS
 
 THREAT = ThreatModel("Linf", PLANTED_EPS)
 
@@ -54,7 +54,7 @@ def test_the_remedy_closes_the_flag_and_recovers_the_base_worst_case(planted_ben
     index, base = robust(store, paths["pgd_at"], adaptive=False)
     same, adaptive = robust(store, paths[kind], adaptive=True)
     assert (index == same).all()
-    diff, lower, upper = paired_difference(adaptive, base)
+    _, lower, upper = paired_difference(adaptive, base)
     assert lower <= 0, (base.mean(), adaptive.mean(), lower, upper)
 
 

@@ -129,7 +129,7 @@ def test_operator_bpda_goes_straight_through_rounding_and_gradient_cuts(trained_
 def test_hybrid_forward_is_the_model_backward_is_the_surrogate(trained_model, tiny_model, batch):
     """The forward pass: the model's recovered logits (here of softmax outputs: its logits up to a
     per-sample shift); the backward pass: the surrogate's gradient."""
-    x, y = batch
+    x, _ = batch
     model = tiny_model.eval()  # untrained: small logits, no probability underflows
     hybrid = Hybrid(nn.Sequential(model, nn.Softmax(1)), trained_model)
     with torch.no_grad():

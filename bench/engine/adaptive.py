@@ -78,7 +78,7 @@ class Ran:
     seconds: float
 
 
-def run_adaptive(evaluator: "Evaluator", samples: "SampleSet", settings: AdaptiveSettings
+def run_adaptive(evaluator: Evaluator, samples: SampleSet, settings: AdaptiveSettings
                  ) -> list[RemedyOutcome] | None:
     """Run the adaptive stage of the evaluator's checkpoint (see the module docstring) and store
     its outcomes. Returns them, or None when the stored ones still stand."""
@@ -144,12 +144,12 @@ def _remedies_for(check: str, settings: AdaptiveSettings) -> list[Remedy]:
     return [settings.remedy(cls.name) for cls in sorted(classes, key=lambda c: (c.order, c.name))]
 
 
-def _run_remedy(evaluator: "Evaluator", samples: "SampleSet", remedy: Remedy, rctx: RemedyContext) -> Ran:
+def _run_remedy(evaluator: Evaluator, samples: SampleSet, remedy: Remedy, rctx: RemedyContext) -> Ran:
     """Evaluate (or find stored) every attack of the remedy at the threat model, role "adaptive"."""
     return _evaluate_all(evaluator, samples, remedy, rctx, remedy.attacks(rctx))
 
 
-def _evaluate_all(evaluator: "Evaluator", samples: "SampleSet", remedy: Remedy, rctx: RemedyContext,
+def _evaluate_all(evaluator: Evaluator, samples: SampleSet, remedy: Remedy, rctx: RemedyContext,
                   attacks: list) -> Ran:
     ran = Ran(remedy, [], [], 0, 0, 0.0)
     for label, attack in attacks:
@@ -167,7 +167,7 @@ def _evaluate_all(evaluator: "Evaluator", samples: "SampleSet", remedy: Remedy, 
     return ran
 
 
-def _recheck(name: str, flag: CheckResult, ctx, evaluator: "Evaluator", rctx: RemedyContext, remedy: Remedy,
+def _recheck(name: str, flag: CheckResult, ctx, evaluator: Evaluator, rctx: RemedyContext, remedy: Remedy,
              adaptive: list[int]) -> tuple[CheckResult, Ran | None]:
     """The check `name` re-run on the new results (or the remedy's own answer, `Remedy.recheck`):
     the adaptive evaluations count as white-box iterative attacks; a check of the model alone
@@ -205,7 +205,7 @@ def _white_box(record):
                                minimum_norm=False)
 
 
-def _at_eps(evaluator: "Evaluator", remedy: Remedy, rctx: RemedyContext, eps: float, point) -> Ran | None:
+def _at_eps(evaluator: Evaluator, remedy: Remedy, rctx: RemedyContext, eps: float, point) -> Ran | None:
     """The remedy's attacks at `eps` on the samples of a curve point (None if they are not an
     evaluation subset this evaluator can rebuild)."""
     samples = evaluator.samples(len(point.index))
@@ -221,7 +221,7 @@ def _digest(inputs: str, flags: dict[str, str], settings: AdaptiveSettings) -> s
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _log(evaluator: "Evaluator", outcomes: list[RemedyOutcome], matrix) -> None:
+def _log(evaluator: Evaluator, outcomes: list[RemedyOutcome], matrix) -> None:
     for o in outcomes:
         evaluator.log(f"  adaptive     {o.check}: {describe(o)}")
     acc, n = matrix.worst_case()

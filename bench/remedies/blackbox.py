@@ -9,6 +9,7 @@ from bench.core.attack import ATTACKS
 from bench.core.config import require
 from bench.core.remedy import ATTACK_FAILURES, Remedy, register_remedy
 
+
 @register_remedy("square")
 class SquareRestarts(Remedy):
     """Square Attack with a larger budget and restarts (Andriushchenko et al. 2020; Tramèr et al.

@@ -11,7 +11,7 @@ from torch.overrides import TorchFunctionMode
 
 from bench.core.config import require
 from bench.core.models import Preprocessing
-from bench.core.remedy import ATTACK_FAILURES, apgd_pair, Remedy, recover_logits, register_remedy
+from bench.core.remedy import ATTACK_FAILURES, Remedy, apgd_pair, recover_logits, register_remedy
 
 
 def _straight_through(module: Preprocessing, inputs, output):

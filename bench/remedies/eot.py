@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from bench.core.check import CheckResult
 from bench.core.config import require
-from bench.core.remedy import ATTACK_FAILURES, apgd_pair, Remedy, register_remedy
+from bench.core.remedy import ATTACK_FAILURES, Remedy, apgd_pair, register_remedy
 from bench.core.rng import fork_rng
 
 

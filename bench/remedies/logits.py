@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.core.config import require
-from bench.core.remedy import ATTACK_FAILURES, apgd_pair, RecoveredLogits, Remedy, probability_rows, register_remedy
+from bench.core.remedy import ATTACK_FAILURES, RecoveredLogits, Remedy, apgd_pair, probability_rows, register_remedy
+
 
 def _zero_gradient(model, x, y) -> torch.Tensor:
     """Per sample: is the cross-entropy input gradient of `model` exactly zero?"""

@@ -15,8 +15,10 @@ from bench.adversary.pgd import pgd
 from bench.core.attack import ATTACKS
 from bench.core.config import require
 from bench.core.models import build_model, eval_mode
-from bench.core.remedy import ATTACK_FAILURES, Remedy, RemedyContext, apgd_pair, probability_rows, recover_logits, register_remedy
+from bench.core.remedy import (ATTACK_FAILURES, Remedy, RemedyContext, apgd_pair, probability_rows, recover_logits,
+                               register_remedy)
 from bench.core.rng import fork_rng
+
 
 @dataclass(frozen=True)
 class Distillation:
