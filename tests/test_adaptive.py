@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import FIX, HONEST, PLANTED_EPS
 
+from bench.core.remedy import REMEDIES
 from bench.core.stats import paired_difference
 from bench.core.threat import ThreatModel
 from bench.engine.checkpoint import sha256_file
@@ -87,6 +88,12 @@ def test_a_suite_runs_the_adaptive_stage_as_one_job_per_checkpoint(tmp_path, mon
     assert all(len(j["depends_on"]) == 1 and j["depends_on"][0].startswith("checks:") for j in adaptive)
     assert main(["run", "--suite", str(suite), "--device", "cpu", "--no-report"]) == 0
     assert "nothing to do" in capsys.readouterr().out
+    with monkeypatch.context() as m:  # a remedy's new revision makes its outcomes stale: the stage runs again
+        m.setattr(REMEDIES.get("logit_recovery"), "revision", 2)
+        assert main(["run", "--suite", str(suite), "--device", "cpu", "--no-report"]) == 0
+        out = capsys.readouterr().out
+        assert "logit_recovery:apgd_ce" in out and "stored)" not in out.split("logit_recovery:apgd_ce")[1].splitlines()[0]
+        assert re.search(r"adaptive +logits_not_probabilities: logit recovery → \d+\.\d% \(closed\)", out), out
     planted = next(tmp_path.glob("checkpoints/*/planted-softmax.pt"))
     argv = ["eval", str(planted), "--attack", "pgd10=pgd:steps=10", "--n-samples", "48", "--device", "cpu",
             "--no-curves", "--remedy", "logit_recovery:steps=10,n_target_classes=3"]

@@ -9,7 +9,8 @@
 A checkpoint is named by its run and kind (`best`, `last`, `planted-<kind>`): its sha256 exists
 only once the run is trained. The runs a defense asks `ctx.pretrained` for are found by calling
 its `setup` with a recording `Pretrained` that returns untrained models (an attack's `prepare`
-likewise), so the plan knows them without training anything.
+likewise), so the plan knows them without training anything. An adaptive job's key holds the
+registered remedies' revisions: a new or changed remedy makes a new job, which redoes the stage.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from bench.core.data import Dataset
 from bench.core.defense import DEFENSES, TrainContext
 from bench.core.models import build_model
 from bench.core.threat import ThreatModel
+from bench.engine.adaptive import revisions as remedy_revisions
 from bench.engine.evaluation import CLEAN, AttackSpec
 from bench.engine.pretrained import Pretrained
 from bench.engine.runspec import RunSpec, build_train_config
@@ -152,7 +154,8 @@ def plan_suite(suite: Suite, data: Dataset, reports: str | None = None) -> list[
             jobs[key] = JobSpec(key, "checks", PRIORITY["checks"], payload, tuple(evals))
             checks.append(key)
             if suite.adaptive is not None:
-                payload = {**target, **settings, "adaptive": asdict(suite.adaptive)}
+                # the remedies' revisions are part of the job: a new or changed remedy is a new job
+                payload = {**target, **settings, "adaptive": asdict(suite.adaptive), "remedies": remedy_revisions()}
                 adaptive = f"adaptive:{run.run_id}:{kind}:{_digest(payload)}"
                 jobs[adaptive] = JobSpec(adaptive, "adaptive", PRIORITY["adaptive"], payload, (key,))
                 checks.append(adaptive)

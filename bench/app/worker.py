@@ -32,6 +32,7 @@ from bench.core.errors import BenchError
 from bench.core.planted import PLANTS
 from bench.core.threat import ThreatModel
 from bench.engine.adaptive import AdaptiveSettings, run_adaptive
+from bench.engine.adaptive import revisions as remedy_revisions
 from bench.engine.checkpoint import load_model, plant, sha256_file, stored_path
 from bench.engine.curves import CurveSettings, compute_curves
 from bench.engine.evaluation import CLEAN, AttackSpec, Evaluator, sample_digest
@@ -246,7 +247,8 @@ def _checks_stored(w: Worker, job: Job) -> bool:
 
 
 def _adaptive_stored(w: Worker, job: Job) -> bool:
-    """Stored outcomes for exactly the flags that call for remedies, made with these settings."""
+    """Stored outcomes for exactly the flags that call for remedies, made with these settings and
+    the remedies registered now, at their revisions."""
     slot = _slot(w, job)
     if slot is None:
         return False
@@ -257,6 +259,7 @@ def _adaptive_stored(w: Worker, job: Job) -> bool:
                    if row.status == "fail" or (warned and row.status == "warn"))
     stored = w.store.remedy_outcomes(slot.checkpoint_id, threat)
     return [r.check for r in stored] == flags and all(r.config.get("settings") == job.payload["adaptive"]
+                                                      and r.config.get("revisions") == remedy_revisions()
                                                       for r in stored)
 
 

@@ -132,10 +132,17 @@ def run_adaptive(evaluator: Evaluator, samples: SampleSet, settings: AdaptiveSet
             recheck_status=recheck.status if recheck else None, recheck_summary=recheck.summary if recheck else None,
             remedies=tried, inputs_hash=digest,
             **provenance(evaluator.device, {"checkpoint": evaluator.checkpoint, "check": name,
-                                            "settings": dataclasses.asdict(settings)}, evaluator.seed)))
+                                            "settings": dataclasses.asdict(settings), "revisions": revisions()},
+                         evaluator.seed)))
     store.replace_remedy_outcomes(evaluator.checkpoint_id, threat.key, outcomes)
     _log(evaluator, outcomes, store.sample_matrix(suite + [i for r in ran.values() for i in r.evaluation_ids]))
     return outcomes
+
+
+def revisions() -> dict[str, int]:
+    """Every registered remedy's revision: stored with each outcome, so that a new or changed
+    remedy makes the outcomes stale."""
+    return {name: REMEDIES.get(name).revision for name in REMEDIES.names()}
 
 
 def _remedies_for(check: str, settings: AdaptiveSettings) -> list[Remedy]:
