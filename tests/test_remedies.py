@@ -18,7 +18,7 @@ from bench.core.models import Preprocessing
 from bench.core.planted import BatchRandom, JpegCompression, NoisyInput, Partial, Shattered
 from bench.core.remedy import REMEDIES, AdaptiveAttack, RemedyContext, recover_logits
 from bench.core.threat import ThreatModel
-from bench.engine.adaptive import AdaptiveSettings, adaptive_settings
+from bench.engine.adaptive import AdaptiveSettings, adaptive_settings, calls_for
 from bench.remedies.bpda import OperatorStraightThrough, StraightThrough
 from bench.remedies.eot import draws_needed
 from bench.remedies.surrogate import Hybrid
@@ -75,6 +75,15 @@ def test_bad_remedy_settings_are_one_line_errors():
         adaptive_settings({"warned": "yes"}, "suite")
     assert adaptive_settings({"warned": True, "square": {"queries": 50}}, "suite") == \
         AdaptiveSettings(True, {"square": {"queries": 50}})
+
+
+def test_failed_checks_call_for_remedies_and_warned_ones_when_asked():
+    flags = {name: CheckResult(status, 0.0, 0.0, "") for name, status in
+             (("gradients_nonzero", "fail"), ("large_eps_accuracy", "warn"), ("deterministic_outputs", "fail"),
+              ("monotone_in_eps", "pass"), ("silent_success", "not-run"))}
+    assert calls_for(flags, AdaptiveSettings()) == ["deterministic_outputs", "gradients_nonzero"]
+    assert calls_for(flags, AdaptiveSettings(warned=True)) == ["deterministic_outputs", "gradients_nonzero",
+                                                                "large_eps_accuracy"]
 
 
 # --------------------------------------------------------------------------- views

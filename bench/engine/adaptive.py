@@ -87,7 +87,7 @@ def run_adaptive(evaluator: Evaluator, samples: SampleSet, settings: AdaptiveSet
     checks = store.stored_checks(evaluator.checkpoint_id, threat.key)
     flags = {row.name: CheckResult(row.status, row.value, row.threshold, row.summary or "", row.evidence or {})
              for row in checks if row.status in ("fail", "warn")}
-    triggered = [name for name, r in flags.items() if r.status == "fail" or settings.warned]
+    triggered = calls_for(flags, settings)
     digest = _digest(inputs, {n: flags[n].status for n in triggered}, settings)
     stored = store.remedy_outcomes(evaluator.checkpoint_id, threat.key)
     if not evaluator.force and [r.check for r in stored] == sorted(triggered) \
@@ -137,6 +137,12 @@ def run_adaptive(evaluator: Evaluator, samples: SampleSet, settings: AdaptiveSet
     store.replace_remedy_outcomes(evaluator.checkpoint_id, threat.key, outcomes)
     _log(evaluator, outcomes, store.sample_matrix(suite + [i for r in ran.values() for i in r.evaluation_ids]))
     return outcomes
+
+
+def calls_for(flags: dict[str, CheckResult], settings: AdaptiveSettings) -> list[str]:
+    """The flagged checks whose remedies run: the failed ones, and with `settings.warned` the
+    warned ones too; sorted."""
+    return sorted(name for name, r in flags.items() if r.status == "fail" or (settings.warned and r.status == "warn"))
 
 
 def revisions() -> dict[str, int]:
