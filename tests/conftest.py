@@ -182,13 +182,14 @@ _SURROGATE = {"surrogate_model_params": dict(TINY), "rounds": 2, "epochs": 15}
 REMEDY_BUDGETS = AdaptiveSettings(remedies={
     "logit_recovery": {"steps": 30, "n_target_classes": 3}, "eot": {"steps": 30, "max_k": 8},
     "bpda_ste": {"steps": 30, "n_target_classes": 3}, "bpda_ops": {"steps": 30, "n_target_classes": 3},
+    "bpda_secant": {"steps": 30, "n_target_classes": 3},
     "bpda_surrogate": {"steps": 30, "n_target_classes": 3, **_SURROGATE},
     "square": {"queries": 500, "restarts": 1}, "rays": {"queries": 500},
     "transfer_surrogate": {"steps": 30, "restarts": 2, **_SURROGATE}})
 # the check each planted failure must fail, and the remedy that must close it
 FIX = {"quantized": ("gradients_nonzero", "bpda_ops"), "softmax": ("logits_not_probabilities", "logit_recovery"),
        "scaled_logits": ("gradients_nonzero", "logit_recovery"), "noisy": ("deterministic_outputs", "eot"),
-       "jpeg": ("gradients_nonzero", "bpda_ste"), "shattered": ("white_box_beats_black_box", "rays"),
+       "jpeg": ("gradients_nonzero", "bpda_ste"), "shattered": ("white_box_beats_black_box", "bpda_secant"),
        "batch_random": ("deterministic_outputs", "eot"), "partial": ("gradients_nonzero", "bpda_ops")}
 HONEST = ("natural", "pgd_at", "trades")
 

@@ -44,8 +44,8 @@ def centred(z: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- the registry's contract
 
 def test_every_remedy_names_real_checks_a_paper_and_valid_defaults():
-    assert REMEDIES.names() == ["bpda_ops", "bpda_ste", "bpda_surrogate", "eot", "logit_recovery", "rays", "square",
-                                "transfer_surrogate"]
+    assert REMEDIES.names() == ["bpda_ops", "bpda_secant", "bpda_ste", "bpda_surrogate", "eot", "logit_recovery", "rays",
+                                "square", "transfer_surrogate"]
     orders = [REMEDIES.get(n).order for n in REMEDIES.names()]
     assert len(set(orders)) == len(orders)  # the escalation order is total
     for name in REMEDIES.names():
@@ -190,6 +190,28 @@ def test_applicability_follows_the_model(trained_model, batch, synthetic):
 
 
 # --------------------------------------------------------------------------- plants on hand-made models
+
+def test_secant_bpda_finds_the_shattering_activations_and_restores_the_gradient(trained_model, batch, synthetic):
+    """On `shattered` (every ReLU oscillating), the probe finds exactly the six activations (the
+    normalization and the honest model's ReLUs are elementwise too, with derivatives that follow
+    their slopes); through their secant slopes the input gradient is again the honest model's
+    (cosine > 0.9 for most samples), while the shattered model's own gradient is not."""
+    x, y = batch
+    shattered = Shattered(copy.deepcopy(trained_model))
+    secant = REMEDIES.get("bpda_secant")()
+    assert "no elementwise layer's derivative departs" in secant.applies(context(trained_model, x, y, synthetic))
+    ctx = context(shattered, x, y, synthetic)
+    assert secant.applies(ctx) is None
+    found = secant.layers(ctx)
+    assert len(found) == 6 and all(type(layer.module).__name__ == "ShatteredReLU" for layer in found)
+    honest = input_grad(lambda z: F.cross_entropy(recover_logits(trained_model(z)), y, reduction="sum"), x).flatten(1)
+    through = input_grad(lambda z: F.cross_entropy(secant.view(shattered, ctx)(z), y, reduction="sum"), x).flatten(1)
+    raw = input_grad(lambda z: F.cross_entropy(recover_logits(shattered(z)), y, reduction="sum"), x).flatten(1)
+    assert F.cosine_similarity(through, honest, dim=1).median() > 0.9
+    assert F.cosine_similarity(raw, honest, dim=1).abs().median() < 0.3
+    with torch.no_grad():  # the forward pass is the shattered model's own
+        assert torch.equal(secant.view(shattered, ctx)(x), recover_logits(shattered(x)))
+
 
 def test_function_preserving_plants_keep_the_predictions(trained_model, batch):
     """`shattered` and `partial` change the gradient, not the function (up to the shattered

@@ -147,6 +147,12 @@ def apgd_pair(ctx: RemedyContext, second: str, **params) -> list[tuple[str, Atta
 
 # ----------------------------------------------------------------------------- views the remedies share
 
+def forward_backward(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
+    """Exactly `value` in the forward pass, differentiated as `surrogate` in the backward pass (the
+    BPDA composition). The zero (surrogate − surrogate) is formed first: value + s − s would round."""
+    return value.detach() + (surrogate - surrogate.detach())
+
+
 def probability_rows(out: torch.Tensor) -> torch.Tensor:
     """Per row: is it a probability vector (entries in [0, 1], summing to 1)?"""
     return ((out >= 0) & (out <= 1)).all(1) & ((out.sum(1) - 1).abs() <= PROBABILITY_TOLERANCE)

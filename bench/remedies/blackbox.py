@@ -21,7 +21,7 @@ class SquareRestarts(Remedy):
     title = "Square, larger budget"
     paper = "Andriushchenko et al. 2020; Tramèr et al. 2020 §4"
     answers = ATTACK_FAILURES
-    order = 6
+    order = 7
 
     @dataclass(frozen=True)
     class Config:
@@ -50,7 +50,7 @@ class RaySLargerBudget(Remedy):
     title = "RayS, larger budget"
     paper = "Chen & Gu 2020"
     answers = ATTACK_FAILURES
-    order = 7
+    order = 8
 
     @dataclass(frozen=True)
     class Config:

@@ -11,12 +11,11 @@ from torch.overrides import TorchFunctionMode
 
 from bench.core.config import require
 from bench.core.models import Preprocessing
-from bench.core.remedy import ATTACK_FAILURES, Remedy, apgd_pair, recover_logits, register_remedy
+from bench.core.remedy import ATTACK_FAILURES, Remedy, apgd_pair, forward_backward, recover_logits, register_remedy
 
 
 def _straight_through(module: Preprocessing, inputs, output):
-    approx = module.approximate(inputs[0])
-    return approx + (output - approx).detach()
+    return forward_backward(output, module.approximate(inputs[0]))
 
 
 class StraightThrough(nn.Module):
@@ -50,6 +49,7 @@ class BPDAStraightThrough(Remedy):
     steps, 1 restart, 9 target classes)."""
 
     title = "BPDA straight-through"
+    revision = 2  # 2: the forward pass exactly the model's (1: value + s − s, which rounds)
     paper = "Athalye et al. 2018 §4.1"
     answers = ("gradients_nonzero",) + ATTACK_FAILURES
     order = 3
@@ -98,7 +98,7 @@ class OperatorBPDA(TorchFunctionMode):
         self.seen.add(func.__name__)
         if func in GRADIENT_CUTS:
             return x.view_as(x)
-        return x + (func(*args, **kwargs) - x).detach()  # the mode is off inside its own handler
+        return forward_backward(func(*args, **kwargs), x)  # the mode is off inside its own handler
 
 
 class OperatorStraightThrough(nn.Module):
@@ -127,6 +127,7 @@ class BPDAOperators(Remedy):
     that). Defaults: AutoAttack's APGD (100 steps, 1 restart, 9 target classes)."""
 
     title = "BPDA straight-through (operators)"
+    revision = 2  # 2: the forward pass exactly the model's (1: value + s − s, which rounds)
     paper = "Athalye et al. 2018 §4.1; Tramèr et al. 2020 §5"
     answers = ("gradients_nonzero",) + ATTACK_FAILURES
     order = 4

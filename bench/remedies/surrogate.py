@@ -15,8 +15,8 @@ from bench.adversary.pgd import pgd
 from bench.core.attack import ATTACKS
 from bench.core.config import require
 from bench.core.models import build_model, eval_mode
-from bench.core.remedy import (ATTACK_FAILURES, Remedy, RemedyContext, apgd_pair, probability_rows, recover_logits,
-                               register_remedy)
+from bench.core.remedy import (ATTACK_FAILURES, Remedy, RemedyContext, apgd_pair, forward_backward, probability_rows,
+                               recover_logits, register_remedy)
 from bench.core.rng import fork_rng
 
 
@@ -100,8 +100,7 @@ class Hybrid(nn.Module):
         self.model, self.surrogate = model, surrogate
 
     def forward(self, x):
-        approx = self.surrogate(x)
-        return recover_logits(self.model(x)).detach() + approx - approx.detach()
+        return forward_backward(recover_logits(self.model(x)), self.surrogate(x))
 
 
 @register_remedy("bpda_surrogate")
@@ -117,9 +116,10 @@ class BPDASurrogate(Remedy):
     target classes); the surrogate: small_cnn, 3 rounds of 30 epochs, 8 neighbours per input."""
 
     title = "BPDA surrogate"
+    revision = 2  # 2: the forward pass exactly the model's (1: value + s − s, which rounds)
     paper = "Athalye et al. 2018 §4.1; Tramèr et al. 2020 §5.13; Papernot et al. 2017"
     answers = ("gradients_nonzero",) + ATTACK_FAILURES
-    order = 5
+    order = 6
 
     @dataclass(frozen=True)
     class Config(Distillation):
@@ -150,7 +150,7 @@ class TransferSurrogate(Remedy):
     title = "transfer from surrogate"
     paper = "Papernot et al. 2017; Athalye et al. 2018 §3.1"
     answers = ATTACK_FAILURES
-    order = 8
+    order = 9
 
     @dataclass(frozen=True)
     class Config(Distillation):
