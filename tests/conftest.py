@@ -16,6 +16,9 @@ from bench.core.data import Dataset, load_dataset
 from bench.core.defense import TrainContext
 from bench.core.models import build_model
 from bench.core.threat import ThreatModel
+from bench.engine.adaptive import AdaptiveSettings
+from bench.engine.curves import CurveSettings
+from bench.engine.evaluation import AttackSpec
 
 # The models here are tiny (a few thousand parameters on 1x8x8 inputs): intra-op threads
 # only add synchronization, and on a loaded machine OpenMP spin-waiting makes every op
@@ -163,6 +166,62 @@ def registered():
             return registry.register(name)(obj)
 
         yield register
+
+
+# --------------------------------------------------------------------------- honest and planted models, evaluated
+
+PLANTED_EPS = 0.1
+PLANTED_ATTACKS = [AttackSpec("fgsm", "fgsm", {"eps": 0.1}), AttackSpec("pgd20", "pgd", {"eps": 0.1, "steps": 20}),
+                   AttackSpec("pgd_cw", "pgd", {"eps": 0.1, "steps": 20, "loss": "cw"}),
+                   AttackSpec("noise", "noise", {"eps": 0.1}),
+                   AttackSpec("transfer", "transfer", {"eps": 0.1, "surrogate_epochs": 5}),
+                   AttackSpec("rays", "rays", {"eps": 0.1, "queries": 500}),
+                   AttackSpec("aa", "autoattack", {"eps": 0.1, "n_target_classes": 3, "square_queries": 500})]
+PLANTED_CURVES = CurveSettings(n_samples=None, steps=(1, 10, 100), restarts=(1, 5))
+_SURROGATE = {"surrogate_model_params": dict(TINY), "rounds": 2, "epochs": 15}
+REMEDY_BUDGETS = AdaptiveSettings(remedies={
+    "logit_recovery": {"steps": 30, "n_target_classes": 3}, "eot": {"steps": 30, "max_k": 8},
+    "bpda_ste": {"steps": 30, "n_target_classes": 3}, "bpda_ops": {"steps": 30, "n_target_classes": 3},
+    "bpda_secant": {"steps": 30, "n_target_classes": 3},
+    "bpda_surrogate": {"steps": 30, "n_target_classes": 3, **_SURROGATE},
+    "square": {"queries": 500, "restarts": 1}, "rays": {"queries": 500},
+    "transfer_surrogate": {"steps": 30, "restarts": 2, **_SURROGATE}})
+# the check each planted failure must fail, and the remedy that must close it
+FIX = {"quantized": ("gradients_nonzero", "bpda_ops"), "softmax": ("logits_not_probabilities", "logit_recovery"),
+       "scaled_logits": ("gradients_nonzero", "logit_recovery"), "noisy": ("deterministic_outputs", "eot"),
+       "jpeg": ("gradients_nonzero", "bpda_ste"), "shattered": ("white_box_beats_black_box", "bpda_secant"),
+       "batch_random": ("deterministic_outputs", "eot"), "partial": ("gradients_nonzero", "bpda_ops")}
+HONEST = ("natural", "pgd_at", "trades")
+
+
+@pytest.fixture(scope="session")
+def planted_bench(tmp_path_factory):
+    """Tiny natural, PGD-AT and TRADES models on the synthetic set (4 classes, Linf 0.1), every
+    planted failure made from the PGD-trained one, all evaluated with seven attacks, the curves,
+    the checks and the adaptive stage (remedies at small budgets) in one store. Returns (store,
+    {name: checkpoint path})."""
+    from bench.core.planted import PLANTS
+    from bench.engine.checkpoint import plant
+    from bench.engine.runspec import RunSpec, build_train_config
+    from bench.engine.stage import evaluate_checkpoint
+    from bench.engine.trainer import train
+    from bench.store import Store
+
+    root = tmp_path_factory.mktemp("planted")
+    data = load_dataset("synthetic")
+    store = Store(str(root / "results.db"))
+    train_cfg = {"epochs": 15, "batch_size": 32, "optimizer": "adam", "lr": 0.003, "weight_decay": 0.0, "val_steps": 3}
+    paths = {}
+    for defense in HONEST:
+        spec = RunSpec(defense=defense, dataset="synthetic", model="small_cnn", threat=ThreatModel("Linf", PLANTED_EPS),
+                       train=build_train_config(train_cfg), model_params=dict(TINY), seed=0)
+        paths[defense] = train(spec, data, store=store, checkpoint_root=root / "ck", progress=False).directory / "last.pt"
+    for kind in PLANTS:
+        paths[kind] = plant(paths["pgd_at"], kind, root / f"{kind}.pt")
+    for path in paths.values():
+        evaluate_checkpoint(store, path, data, PLANTED_ATTACKS, curves=PLANTED_CURVES, sanity=True,
+                            adaptive=REMEDY_BUDGETS, checkpoint_root=root / "ck", log=lambda _: None)
+    return store, paths
 
 
 POSTGRES = os.environ.get("ATBENCH_TEST_POSTGRES")  # an admin URL of a real server (.ci/run starts one)

@@ -97,6 +97,25 @@ def test_bench_eval_model_is_the_same_model_as_the_api(tmp_path, monkeypatch, ca
     assert "my-digits-net" in index and "external" in index
 
 
+def test_evaluate_runs_the_remedy_of_a_failed_check(tmp_path, trained):
+    """A model answering with probabilities fails logits_not_probabilities; the adaptive stage runs
+    logit recovery (at the given budget) and the result carries the adaptive worst case and what the
+    remedy did, which is at most the worst case; adaptive=False (another store) runs no remedy."""
+    model, mean, std = trained
+    softmax = torch.nn.Sequential(model, torch.nn.Softmax(1))
+    args = dict(dataset="digits", threat="Linf:0.1", attacks=["pgd10=pgd:steps=10"], n_samples=40, curves=False,
+                normalize=(mean, std), remedies={"logit_recovery": {"steps": 10, "n_target_classes": 3}})
+    result = atbench.evaluate(softmax, db=str(tmp_path / "a.db"), **args)
+    assert result.checks["logits_not_probabilities"].status == "fail"
+    assert result.remedies["logits_not_probabilities"].startswith("logit recovery → ")
+    assert set(result.adaptive_ids) == {"logit_recovery:apgd_ce", "logit_recovery:apgd_t"}
+    assert result.adaptive_worst_case <= result.worst_case and result.adaptive_n == result.n_samples == 40
+    assert "adaptive" in repr(result) and "logits_not_probabilities: logit recovery → " in repr(result)
+    off = atbench.evaluate(softmax, db=str(tmp_path / "b.db"), adaptive=False, **args)
+    assert (off.adaptive_worst_case, off.adaptive_ids, off.remedies) == (None, {}, {})
+    assert off.worst_case == result.worst_case
+
+
 def test_identity_is_the_weights_and_the_name(trained):
     model, _, _ = trained
     other = digits_net()
@@ -132,6 +151,8 @@ def test_attack_of_another_norm_needs_its_eps():
     (dict(normalize=(0.5, 0.0)), "std must be > 0"),
     (dict(attacks=["pgdd"]), "unknown attack 'pgdd'"),
     (dict(dataset="digitz"), "unknown dataset 'digitz'"),
+    (dict(remedies={"eto": {}}), "unknown remedy 'eto'.*Did you mean 'eot'"),
+    (dict(remedies={"eot": {"max_k": 0}}), "max_k must be >= 1"),
 ])
 def test_bad_input_is_one_line(kwargs, message, tmp_path):
     args = dict(dataset="digits", db=str(tmp_path / "r.db"), curves=False, n_samples=4)

@@ -4,8 +4,8 @@ TYPE_CHECKING alike), as docs/architecture.md draws them:
     contracts (bench.core) ← adversary library (bench.adversary) ← store (bench.store)
         ← engine (bench.engine) ← application (bench.app) ← the Python API (atbench)
 
-Plugins (`attacks`, `defenses`, `bench.checks`) import only the contracts and the adversary
-library, never each other and never the engine; nothing imports a plugin module (registries load
+Plugins (`attacks`, `defenses`, `bench.checks`, `bench.remedies`) import only the contracts and
+the adversary library, never each other and never the engine; nothing imports a plugin module (registries load
 them by name). And no two bench modules import each other, directly or through others.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PLUGINS = ("attacks", "defenses", "bench.checks")
+PLUGINS = ("attacks", "defenses", "bench.checks", "bench.remedies")
 ALLOWED = {  # layer -> the layers its modules may import (besides the standard library and third parties)
     "bench.core": {"bench.core"},
     "bench.adversary": {"bench.core", "bench.adversary"},
@@ -27,6 +27,7 @@ ALLOWED = {  # layer -> the layers its modules may import (besides the standard 
     "attacks": {"bench.core", "bench.adversary"},
     "defenses": {"bench.core", "bench.adversary"},
     "bench.checks": {"bench.core", "bench.adversary"},
+    "bench.remedies": {"bench.core", "bench.adversary"},
     "atbench": {"bench.app"},  # the public Python API: re-exports bench.app.api
 }
 OURS = ("atbench", "bench", "attacks", "defenses")
@@ -106,7 +107,7 @@ def test_no_import_cycles():
 
 
 def test_every_layer_is_a_visible_package():
-    for package in ("core", "adversary", "store", "engine", "app", "checks"):
+    for package in ("core", "adversary", "store", "engine", "app", "checks", "remedies"):
         assert (ROOT / "bench" / package / "__init__.py").is_file()
     assert {p.name for p in (ROOT / "bench").glob("*.py")} == {"__init__.py", "__main__.py"}
 

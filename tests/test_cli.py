@@ -72,10 +72,11 @@ def test_list_prints_every_registry(capsys):
     rc, out, err = cli(capsys, "list")
     assert rc == 0 and err == ""
     lines = dict(line.split(": ", 1) for line in out.strip().splitlines())
-    assert list(lines) == ["defenses", "attacks", "models", "datasets"]
+    assert list(lines) == ["defenses", "attacks", "models", "datasets", "remedies"]
     expect = {"defenses": {"natural", "fgsm_at", "fast_at", "pgd_at", "trades", "mart"},
               "attacks": {"fgsm", "pgd", "mim"}, "models": {"small_cnn", "preact_resnet18", "wrn"},
-              "datasets": {"digits", "synthetic", "mnist", "mnist_t10k", "cifar10", "cifar100"}}
+              "datasets": {"digits", "synthetic", "mnist", "mnist_t10k", "cifar10", "cifar100"},
+              "remedies": {"eot", "logit_recovery", "bpda_ste", "bpda_surrogate", "square"}}
     for kind, names in expect.items():
         listed = lines[kind].split(", ")
         assert names <= set(listed) and listed == sorted(listed), kind
@@ -197,7 +198,8 @@ def test_a_narrower_eval_never_downgrades_the_suite_checks(tmp_path, monkeypatch
     assert rc == 0 and "nothing to do" in out, out
     assert checks(ckpt) == after
     # with curves of its own (on more samples, up to eps 1) the eval adds evidence: nothing that ran is lost
-    assert cli(capsys, "eval", ckpt, "--attack", "pgd50=pgd:steps=50", "--device", "cpu")[0] == 0
+    # (the adaptive stage is left out: what it does about a new flag is test_adaptive.py's)
+    assert cli(capsys, "eval", ckpt, "--attack", "pgd50=pgd:steps=50", "--device", "cpu", "--no-adaptive")[0] == 0
     assert {n for n, st in checks(ckpt).items() if st == "not-run"} < {n for n, st in before.items() if st == "not-run"}
 
 

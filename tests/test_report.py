@@ -24,8 +24,8 @@ from bench.core.errors import BenchError
 from bench.core.stats import mcnemar_exact, paired_difference
 from bench.core.threat import threat_key
 from bench.store import Store
-from bench.store.schema import (AdversarialExample, Checkpoint, Evaluation, Run, RunCheckpoint, SampleResult,
-                                SanityCheck, TrainEpoch)
+from bench.store.schema import (AdversarialExample, Checkpoint, Evaluation, RemedyOutcome, Run, RunCheckpoint,
+                                SampleResult, SanityCheck, TrainEpoch)
 
 XSS = "<script>alert(1)</script>"
 EPS = 8 / 255
@@ -102,6 +102,12 @@ def report(tmp_path_factory):
                                value=0.0, threshold=0.0),
                    SanityCheck(checkpoint_id=b, **l2, name="zero_gradients", status="fail",
                                value=0.0, threshold=1e-8)])
+        s.add(RemedyOutcome(checkpoint_id=a, **linf, check="zero_gradients", check_status="fail", status="closed",
+                            closed_by="bpda_surrogate", worst_case=0.2, n_samples=10, recheck_status="pass",
+                            remedies=[{"remedy": "logit_recovery", "title": "logit recovery", "applies": False,
+                                       "why": "the model returns logits"},
+                                      {"remedy": "bpda_surrogate", "title": "BPDA <surrogate>", "applies": True,
+                                       "worst_case": 0.2, "n": 10, "recheck": "pass"}]))
     claims = tmp / "claims" / "model_info" / "digits" / "Linf"
     claims.mkdir(parents=True)
     (claims / "ext_model.json").write_text(json.dumps({
@@ -217,16 +223,27 @@ def test_adaptive_worst_case_is_shown_when_present(report):
     assert "<rect class=\"adaptive\"" in report[0].read_text()
 
 
+def test_each_flag_says_what_its_remedy_did(report):
+    """A's failed check was closed by a remedy: its flag says which, and the worst case after it
+    (escaped), on the leaderboard and in the check's section of the run page; the warned check,
+    which no remedy was run for, says nothing more."""
+    html = report[0].read_text()
+    assert re.search(r'<a class="flag fail" [^>]*>zero_gradients: BPDA &lt;surrogate&gt; → 20.0% \(closed\)</a>', html)
+    assert re.search(r'<a class="flag warn"[^>]*>noise_vs_gradient</a>', html)
+    run_a = (report[1] / "runs" / "run-a.html").read_text()
+    assert "<b>Adaptive:</b> BPDA &lt;surrogate&gt; → 20.0% (closed)" in run_a
+
+
 def test_sanity_failures_are_flags_linking_to_their_evidence(report):
     html = report[0].read_text()
-    fail = re.search(r'<a class="flag fail" href="(runs/run-a.html#([^"]+))" title="([^"]*)">zero_gradients</a>', html)
+    fail = re.search(r'<a class="flag fail" href="(runs/run-a.html#([^"]+))" title="([^"]*)">zero_gradients[:<]', html)
     assert fail and unescape(fail.group(3)).startswith("FAIL zero_gradients: ")
     assert "&lt;b&gt;bold&lt;/b&gt; claim" in fail.group(3)      # the check's summary, escaped
     run_a = (report[1] / "runs" / "run-a.html").read_text()
     assert f'<section class="check fail" id="{fail.group(2)}">' in run_a
     assert re.search(r'<a class="flag warn"[^>]*>noise_vs_gradient</a>', html)
     assert "iterative_vs_single" not in html
-    assert _board(report[0])[1]["Sanity flags"] == "zero_gradients noise_vs_gradient"
+    assert _board(report[0])[1]["Sanity flags"] == "zero_gradients: BPDA <surrogate> → 20.0% (closed) noise_vs_gradient"
     # B's failed check is for another threat model (L2 0.5): no flag on its Linf row
     assert _board(report[0])[0]["Defense"].startswith("trades-run") and _board(report[0])[0]["Sanity flags"] == "—"
     assert "<b>bold</b>" not in html

@@ -1,4 +1,4 @@
-"""Nothing stale: every plugin (attack, defense, check), the adversary library, the training loop
+"""Nothing stale: every plugin (attack, defense, check, remedy), the adversary library, the training loop
 and the evaluation protocol carry a revision that is part of the identity of what they produce.
 `tests/revisions.lock` records, for each, its revision and a hash of the source it depends on;
 a source that changed without its revision changing fails here.
@@ -37,13 +37,15 @@ def current() -> dict[str, tuple[str, str]]:
     from bench.core.attack import ATTACKS
     from bench.core.check import CHECKS
     from bench.core.defense import DEFENSES
+    from bench.core.remedy import REMEDIES
     from bench.engine import evaluation, runspec
 
     out = {"adversary": (str(adversary.REVISION), _hash(*(ROOT / "bench" / "adversary").glob("*.py"))),
            "trainer": (str(runspec.TRAINER_REVISION), _hash(ROOT / "bench/engine/trainer.py", ROOT / "bench/engine/runspec.py")),
            "evaluation": (str(evaluation.PROTOCOL), _hash(ROOT / "bench/engine/evaluation.py", ROOT / "bench/engine/curves.py"))}
     plugins = {f"{kind}:{name}": registry.get(name)
-               for kind, registry in (("attack", ATTACKS), ("defense", DEFENSES), ("check", CHECKS))
+               for kind, registry in (("attack", ATTACKS), ("defense", DEFENSES), ("check", CHECKS),
+                                      ("remedy", REMEDIES))
                for name in registry.names()}
     for entry, cls in plugins.items():
         out[entry] = (str(cls.revision), _plugin_hash(cls, [c for c in plugins.values() if c is not cls]))
@@ -167,6 +169,32 @@ def test_a_check_revision_recomputes_that_check_only(tmp_path, monkeypatch, synt
     monkeypatch.setattr(CHECKS.get("gradients_nonzero"), "revision", CHECKS.get("gradients_nonzero").revision + 1)
     assert set(rerun()) == {"gradients_nonzero"}
     assert rerun() is None
+
+
+def test_a_remedy_revision_recomputes_its_adaptive_evaluations_only(tmp_path, monkeypatch, synthetic, trained_model):
+    from bench.core.remedy import REMEDIES
+    from bench.engine.adaptive import AdaptiveSettings
+    from bench.engine.checkpoint import atomic_save, model_checkpoint, plant
+    from bench.engine.evaluation import AttackSpec
+    from bench.engine.stage import evaluate_checkpoint
+    from bench.store import Store
+
+    base = tmp_path / "model.pt"
+    atomic_save(model_checkpoint(trained_model, run_id=None, epoch=1, dataset="synthetic",
+                                 dataset_options=synthetic.options, norm="Linf", eps=0.1), base)
+    path = plant(base, "softmax", tmp_path / "softmax.pt")
+    store = Store(str(tmp_path / "results.db"))
+    settings = AdaptiveSettings(remedies={"logit_recovery": {"steps": 3, "n_target_classes": 1}})
+
+    def computed():
+        report = evaluate_checkpoint(store, path, synthetic, [AttackSpec("pgd", "pgd", {"eps": 0.1, "steps": 3})],
+                                     n_samples=16, sanity=True, adaptive=settings, log=lambda _: None)
+        return report.computed, report.adaptive is not None
+
+    assert computed() == (2 + 2, True)  # clean, pgd; the remedy's APGD-CE and APGD-T
+    assert computed() == (0, False)
+    monkeypatch.setattr(REMEDIES.get("logit_recovery"), "revision", REMEDIES.get("logit_recovery").revision + 1)
+    assert computed() == (2, True)
 
 
 def test_the_adversary_revision_changes_every_run_and_evaluation_identity(monkeypatch):

@@ -1,6 +1,6 @@
 """Sanity checks: the statistics they rest on, each check's rule on hand-made records, and the
-proof that they work — natural and PGD-trained tiny models pass, planted failures are flagged by
-the check named for them."""
+proof that they work — natural, PGD-trained and TRADES tiny models pass, planted failures are
+flagged by the check named for them (`planted_bench` in conftest; their remedies: test_adaptive.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ from sqlalchemy import select
 
 from bench.core.check import CHECKS, CheckContext, Record, paired
 from bench.core.data import load_dataset
-from bench.core.planted import PLANTS
 from bench.core.stats import grade, mcnemar_exact, mean_difference, paired_difference, wilson
 from bench.core.threat import ThreatModel
-from bench.engine.checkpoint import plant, sha256_file
+from bench.engine.checkpoint import sha256_file
 from bench.engine.curves import CurveSettings
 from bench.engine.evaluation import AttackSpec
 from bench.engine.runspec import RunSpec, build_train_config
@@ -21,6 +20,7 @@ from bench.engine.stage import evaluate_checkpoint
 from bench.engine.trainer import train
 from bench.store import Store
 from bench.store.schema import SanityCheck
+from conftest import FIX, HONEST, PLANTED_ATTACKS, PLANTED_CURVES, PLANTED_EPS
 
 # --------------------------------------------------------------------------- statistics
 
@@ -162,74 +162,39 @@ def test_fgsm_loss_monotone_flags_a_falling_loss():
 
 # --------------------------------------------------------------------------- planted failures, end to end
 
-EPS = 0.1
-ATTACKS = [AttackSpec("fgsm", "fgsm", {"eps": EPS}), AttackSpec("pgd20", "pgd", {"eps": EPS, "steps": 20}),
-           AttackSpec("pgd_cw", "pgd", {"eps": EPS, "steps": 20, "loss": "cw"}),
-           AttackSpec("noise", "noise", {"eps": EPS}),
-           AttackSpec("transfer", "transfer", {"eps": EPS, "surrogate_epochs": 5}),
-           AttackSpec("rays", "rays", {"eps": EPS, "queries": 500}),
-           AttackSpec("aa", "autoattack", {"eps": EPS, "n_target_classes": 3, "square_queries": 500})]
-CURVES = CurveSettings(n_samples=None, steps=(1, 10, 100), restarts=(1, 5))
-# The check each planted failure must fail (it may fail others too).
-FLAGGED_BY = {"quantized": "gradients_nonzero", "softmax": "logits_not_probabilities",
-              "scaled_logits": "gradients_nonzero", "noisy": "deterministic_outputs"}
-
-
-@pytest.fixture(scope="module")
-def bench_dir(tmp_path_factory):
-    """Tiny natural and PGD-trained models on the synthetic set (4 classes, Linf 0.1), each planted
-    failure made from the natural one, all evaluated with curves and checks in one store."""
-    root = tmp_path_factory.mktemp("sanity")
-    data = load_dataset("synthetic")
-    store = Store(str(root / "results.db"))
-    train_cfg = build_train_config({"epochs": 15, "batch_size": 32, "optimizer": "adam", "lr": 0.003,
-                                    "weight_decay": 0.0, "val_steps": 3})
-    paths = {}
-    for defense in ("natural", "pgd_at"):
-        spec = RunSpec(defense=defense, dataset="synthetic", model="small_cnn", threat=ThreatModel("Linf", EPS),
-                       train=train_cfg, model_params={"width": 8, "hidden": 32}, seed=0)
-        paths[defense] = train(spec, data, store=store, checkpoint_root=root / "ck", progress=False).directory / "last.pt"
-    for kind in PLANTS:
-        paths[kind] = plant(paths["natural"], kind, root / f"{kind}.pt")
-    for path in paths.values():
-        evaluate_checkpoint(store, path, data, ATTACKS, curves=CURVES, sanity=True, checkpoint_root=root / "ck",
-                            log=lambda _: None)
-    return store, paths
-
-
 def stored_checks(store, path, threat: ThreatModel) -> list[SanityCheck]:
     return store.stored_checks(store.checkpoint_by_sha(sha256_file(path)).checkpoint_id, threat.key)
 
 
-def statuses(bench_dir, name) -> dict[str, str]:
-    store, paths = bench_dir
-    return {r.name: r.status for r in stored_checks(store, paths[name], ThreatModel("Linf", EPS))}
+def statuses(planted_bench, name) -> dict[str, str]:
+    store, paths = planted_bench
+    return {r.name: r.status for r in stored_checks(store, paths[name], ThreatModel("Linf", PLANTED_EPS))}
 
 
-@pytest.mark.parametrize("name", ["natural", "pgd_at"])
-def test_honest_models_pass_every_check(bench_dir, name):
-    got = statuses(bench_dir, name)
+@pytest.mark.parametrize("name", HONEST)
+def test_honest_models_pass_every_check(planted_bench, name):
+    got = statuses(planted_bench, name)
     assert set(got) == set(CHECKS.names())
     flagged = {k: v for k, v in got.items() if v in ("fail", "warn")}
     assert not flagged, flagged
     assert "not-run" not in got.values()  # the suite has what every check needs
 
 
-@pytest.mark.parametrize("kind", sorted(FLAGGED_BY))
-def test_planted_failures_are_flagged_by_their_check(bench_dir, kind):
-    got = statuses(bench_dir, kind)
-    assert got[FLAGGED_BY[kind]] == "fail", got
+@pytest.mark.parametrize("kind", sorted(FIX))
+def test_planted_failures_are_flagged_by_their_check(planted_bench, kind):
+    got = statuses(planted_bench, kind)
+    assert got[FIX[kind][0]] == "fail", got
 
 
-def test_checks_are_stored_with_summaries_and_not_rerun(bench_dir, tmp_path):
-    store, paths = bench_dir
+def test_checks_are_stored_with_summaries_and_not_rerun(planted_bench, tmp_path):
+    store, paths = planted_bench
     with store.session() as s:
         rows = s.scalars(select(SanityCheck).where(
             SanityCheck.checkpoint_id == store.checkpoint_by_sha(sha256_file(paths["softmax"])).checkpoint_id)).all()
     assert len(rows) == len(CHECKS.names())
     assert all(r.summary and r.device and r.config["checks"] == CHECKS.names() for r in rows)
-    again = evaluate_checkpoint(store, paths["natural"], load_dataset("synthetic"), ATTACKS, curves=CURVES, sanity=True,
-                                checkpoint_root=tmp_path, log=lambda _: None)
+    again = evaluate_checkpoint(store, paths["natural"], load_dataset("synthetic"), PLANTED_ATTACKS,
+                                curves=PLANTED_CURVES, sanity=True, checkpoint_root=tmp_path, log=lambda _: None)
     assert again.computed == 0 and again.checks is None  # nothing new: the stored checks stand
 
 

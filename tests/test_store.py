@@ -267,7 +267,8 @@ def test_schema_revision_is_recorded(sqlite_db):
         assert con.execute("select version_num from alembic_version").fetchall() == [(head_revision(),)]
         tables = {r[0] for r in con.execute("select name from sqlite_master where type = 'table'")}
     assert {"runs", "train_epochs", "checkpoints", "run_checkpoints", "evaluations", "sample_results", "curves",
-            "curve_points", "sanity_checks", "jobs", "job_dependencies", "adversarial_examples", "alembic_version"} == tables
+            "curve_points", "sanity_checks", "jobs", "job_dependencies", "adversarial_examples", "remedy_outcomes",
+            "alembic_version"} == tables
     Store(sqlite_db)  # reopening neither adds a row nor migrates
     with sqlite3.connect(sqlite_db) as con:
         assert con.execute("select version_num from alembic_version").fetchall() == [(head_revision(),)]
@@ -433,14 +434,38 @@ def test_a_revision_0003_database_gains_the_examples_table_and_keeps_its_rows(sq
     checkpoint_id = store.register_checkpoint(SHA, "a.pt", PROV)
     store.save_evaluation(_evaluation(checkpoint_id=checkpoint_id), [0, 1, 2, 3], [True, False, True, False])
     with sqlite3.connect(sqlite_db) as con:
+        con.execute("drop table remedy_outcomes")
         con.execute("drop table adversarial_examples")
         con.execute("update alembic_version set version_num = '0003'")
         before = {t: con.execute(f"select * from {t}").fetchall() for t in ("checkpoints", "evaluations", "sample_results")}
     store = Store(sqlite_db)
     with sqlite3.connect(sqlite_db) as con:
-        assert con.execute("select version_num from alembic_version").fetchall() == [(head_revision(),)] == [("0004",)]
+        assert con.execute("select version_num from alembic_version").fetchall() == [(head_revision(),)] == [("0005",)]
         assert {t: con.execute(f"select * from {t}").fetchall() for t in before} == before
         assert con.execute("select count(*) from adversarial_examples").fetchone() == (0,)
     evaluation_id = store.save_evaluation(_evaluation(checkpoint_id=checkpoint_id, seed=1), [0, 1], [False, True],
                                           examples=[_example(0)])
     assert [e.sample_index for e in store.adversarial_examples([evaluation_id], [0, 1])] == [0]
+
+
+def test_a_revision_0004_database_gains_remedy_outcomes_as_a_new_one_has_them(tmp_path):
+    """Alembic 0005 adds `remedy_outcomes` to a database at 0004 (adversarial examples): the same columns, types,
+    keys and indexes as a database created now, and the older rows stay."""
+    def schema(path):
+        with sqlite3.connect(path) as con:
+            return (con.execute("pragma table_info(remedy_outcomes)").fetchall(),
+                    sorted(con.execute("select name from sqlite_master where tbl_name = 'remedy_outcomes'").fetchall()))
+
+    fresh, old = tmp_path / "fresh.db", tmp_path / "old.db"
+    Store(str(fresh))
+    store = Store(str(old))
+    with store.session() as s:
+        s.add(_run())
+    with sqlite3.connect(old) as con:
+        con.execute("drop table remedy_outcomes")
+        con.execute("update alembic_version set version_num = '0004'")
+    with Store(str(old)).session() as s:
+        assert s.get(Run, "run-1") is not None
+    assert schema(old) == schema(fresh) and schema(fresh)[0]
+    with sqlite3.connect(old) as con:
+        assert con.execute("select version_num from alembic_version").fetchall() == [(head_revision(),)]

@@ -1,10 +1,10 @@
 """The Python API (`import atbench`): evaluate any model with the evaluation stage of `bench eval`
-(clean, the attacks, the curves, the sanity checks), every result stored, and get an
-`EvaluationResult` back. Also what `bench eval` shares with it: attack specs and the device."""
+(clean, the attacks, the curves, the sanity checks, the adaptive stage), every result stored, and
+get an `EvaluationResult` back. Also what `bench eval` shares with it: attack specs and the device."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -14,6 +14,7 @@ import torch.nn as nn
 from bench.core.data import Dataset, load_dataset
 from bench.core.errors import BenchError
 from bench.core.threat import ThreatModel, parse_eps
+from bench.engine.adaptive import AdaptiveSettings, adaptive_settings, describe
 from bench.engine.curves import CurveSettings
 from bench.engine.evaluation import AttackSpec
 from bench.engine.external import normalized
@@ -38,7 +39,10 @@ class EvaluationResult:
     the `worst_case` (per-sample AND over clean and those attacks, on the samples all of them
     cover), the sanity checks stored for the model at this threat model, and the ids of the
     evaluations in the store ("clean" and each label). `checkpoint_id` and `sha256` identify the
-    model in the store (see `bench.engine.subject`)."""
+    model in the store (see `bench.engine.subject`). Where the adaptive stage ran remedies:
+    `adaptive_worst_case` (the same AND with the adaptive evaluations `adaptive_ids`, on
+    `adaptive_n` samples) and per flagged check what its remedy did (`remedies`: "BPDA
+    surrogate → 55.5% (closed)"); else None and empty."""
 
     name: str
     dataset: str
@@ -51,6 +55,10 @@ class EvaluationResult:
     evaluation_ids: dict[str, int]
     checkpoint_id: int
     sha256: str
+    adaptive_worst_case: float | None = None
+    adaptive_n: int | None = None
+    adaptive_ids: dict[str, int] = field(default_factory=dict)
+    remedies: dict[str, str] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         lines = [f"EvaluationResult({self.name} on {self.dataset}, {self.threat}, {self.n_samples} samples; "
@@ -65,6 +73,10 @@ class EvaluationResult:
             lines.append(f"  {'checks':<12} {len(counts['pass'])} pass, {len(counts['warn'])} warn, "
                          f"{len(counts['fail'])} fail, {len(counts['not-run'])} not run" +
                          (f" ({flagged})" if flagged else ""))
+        if self.adaptive_worst_case is not None:
+            lines.append(f"  {'adaptive':<12} {self.adaptive_worst_case:7.2%}  worst case with "
+                         f"{len(self.adaptive_ids)} adaptive attack(s)")
+        lines += [f"  {'':<12} {name}: {what}" for name, what in self.remedies.items()]
         return "\n".join(lines)
 
 
@@ -72,7 +84,8 @@ def evaluate(model: nn.Module, *, dataset: str, threat: str | ThreatModel | None
              attacks: Sequence[str | AttackSpec] | str | None = None, name: str | None = None,
              normalize: tuple | None = None, n_samples: int | None = None, db: str = "results.db",
              seed: int = 0, batch_size: int | str = "auto", device: str | torch.device | None = None,
-             curves: bool = True, curve_samples: int = 200, sanity: bool = True, data_dir: str | None = None,
+             curves: bool = True, curve_samples: int = 200, sanity: bool = True, adaptive: bool = True,
+             remedies: dict | None = None, data_dir: str | None = None,
              checkpoints: str | Path = "checkpoints", force: bool = False,
              log: Callable[[str], None] | None = None) -> EvaluationResult:
     """Evaluate `model`, any nn.Module taking pixels in [0, 1] (NCHW) and returning logits, as
@@ -92,6 +105,10 @@ def evaluate(model: nn.Module, *, dataset: str, threat: str | ThreatModel | None
     - `batch_size`: samples per attack batch, each batch seeded from its first index ("auto": sized
       to the device, 256 on the CPU; see `bench.engine.evaluation.auto_batch_size`);
     - `curves`, `sanity`: compute the curves (on `curve_samples` samples) and the sanity checks;
+    - `adaptive`: after the checks, run the remedies of the failed ones (`bench.remedies`: EOT,
+      logit recovery, BPDA, stronger black-box attacks) and report the adaptive worst case;
+      `remedies`: their budgets, {remedy name: {parameter: value}} (plus "warned": True to remedy
+      warned checks too);
     - `log`: a function that gets one line per attack as it finishes (e.g. print); quiet by default.
 
     >>> import tempfile, torch, torch.nn as nn, atbench
@@ -122,9 +139,10 @@ def evaluate(model: nn.Module, *, dataset: str, threat: str | ThreatModel | None
         model = normalized(model, *info["normalize"])
     subject = Subject.external(model, name, data, threat, info=info)
     specs = attack_specs(attacks, threat)  # every input checked before the store is opened
+    settings = adaptive_settings(remedies or {}, "remedies") if adaptive and sanity else None
     stage = dict(n_samples=n_samples, seed=seed, batch_size=batch_size, device=pick_device(device), force=force,
-                 curves=curve_settings(curve_samples) if curves else None, sanity=sanity, checkpoint_root=checkpoints,
-                 log=log or (lambda _: None))
+                 curves=curve_settings(curve_samples) if curves else None, sanity=sanity, adaptive=settings,
+                 checkpoint_root=checkpoints, log=log or (lambda _: None))
     return run_evaluation(Store(db), subject, data, specs, **stage)
 
 
@@ -134,13 +152,21 @@ def run_evaluation(store: Store, subject: Subject, data: Dataset, specs: Sequenc
     report = evaluate_checkpoint(store, subject, data, specs, **stage)
     outcomes = report.outcomes
     worst, n = store.sample_matrix([o.evaluation_id for o in outcomes]).worst_case()
-    checks = {}
+    checks, adaptive = {}, {}
+    key = subject.threat.key
     if stage.get("sanity"):
-        checks = {row.name: Check(row.status, row.summary or "")
-                  for row in store.stored_checks(report.checkpoint_id, subject.threat.key)}
+        checks = {row.name: Check(row.status, row.summary or "") for row in store.stored_checks(report.checkpoint_id, key)}
+    settings: AdaptiveSettings | None = stage.get("adaptive")
+    remedied = {o.check: describe(o) for o in store.remedy_outcomes(report.checkpoint_id, key)
+                if o.status != "none"} if settings is not None and stage.get("sanity") else {}
+    if remedied:
+        adaptive = {e.label: e.evaluation_id for e in store.attack_evaluations(report.checkpoint_id, key, role="adaptive")}
+    adaptive_worst, adaptive_n = store.sample_matrix([o.evaluation_id for o in outcomes] + list(adaptive.values())
+                                                     ).worst_case() if adaptive else (None, None)
     return EvaluationResult(subject.info.get("name") or Path(subject.path).name, data.name, subject.threat, n,
                             outcomes[0].robust_acc, {o.label: o.robust_acc for o in outcomes[1:]}, worst, checks,
-                            {o.label: o.evaluation_id for o in outcomes}, report.checkpoint_id, subject.sha256)
+                            {o.label: o.evaluation_id for o in outcomes}, report.checkpoint_id, subject.sha256,
+                            adaptive_worst, adaptive_n, adaptive, remedied)
 
 
 def parse_threat(threat: str | ThreatModel | None, data: Dataset) -> ThreatModel:

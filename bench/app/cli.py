@@ -81,13 +81,24 @@ def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
         _fast_option(p)
 
 
+def parse_remedies(items: list[str] | None) -> dict:
+    """`--remedy NAME:k=v,...` options as {remedy name: parameters}."""
+    from bench.core.config import parse_assignments
+
+    out: dict = {}
+    for item in items or []:
+        name, _, rest = item.partition(":")
+        out.setdefault(name.strip(), {}).update(parse_assignments([a for a in rest.split(",") if a]))
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="bench", description="Train and evaluate adversarial-training defenses; "
                                      "store per-sample results in SQLite; render a static HTML leaderboard.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    p = sub.add_parser("list", help="list registered defenses, attacks, models and datasets")
-    p.add_argument("kind", nargs="?", choices=["defenses", "attacks", "models", "datasets"])
+    p = sub.add_parser("list", help="list registered defenses, attacks, models, datasets and remedies")
+    p.add_argument("kind", nargs="?", choices=["defenses", "attacks", "models", "datasets", "remedies"])
 
     p = sub.add_parser("train", help="train one defense")
     p.add_argument("--defense", required=True)
@@ -135,7 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="samples per batch, each batch seeded from its first index (default: auto, sized to the device)")
     p.add_argument("--no-curves", action="store_true", help="skip the curves (accuracy/loss vs eps, steps, restarts)")
     p.add_argument("--curve-samples", type=count(1), default=200, help="samples the curves use (default: 200)")
-    p.add_argument("--no-sanity", action="store_true", help="skip the sanity checks")
+    p.add_argument("--no-sanity", action="store_true", help="skip the sanity checks (and so the adaptive stage)")
+    p.add_argument("--no-adaptive", action="store_true",
+                   help="skip the adaptive stage (the remedies of the failed checks: EOT, BPDA, logit recovery, ...)")
+    p.add_argument("--adaptive-warned", action="store_true", help="remedy the warned checks too, not only the failed")
+    p.add_argument("--remedy", action="append", metavar="NAME:k=v,...",
+                   help="a remedy's budgets, e.g. eot:max_k=10 or square:queries=5000 (repeatable)")
     p.add_argument("--checkpoints", default="checkpoints", help="where runs an attack needs (a surrogate) are kept")
     _common(p)
 
@@ -225,8 +241,10 @@ def cmd_list(args) -> None:
     from bench.core.data import DATASETS
     from bench.core.defense import DEFENSES
     from bench.core.models import MODELS
+    from bench.core.remedy import REMEDIES
 
-    registries = {"defenses": DEFENSES, "attacks": ATTACKS, "models": MODELS, "datasets": DATASETS}
+    registries = {"defenses": DEFENSES, "attacks": ATTACKS, "models": MODELS, "datasets": DATASETS,
+                  "remedies": REMEDIES}
     for kind, registry in registries.items():
         if args.kind in (None, kind):
             print(f"{kind}: {', '.join(registry.names())}")
@@ -263,12 +281,15 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from bench.app.api import attack_specs, curve_settings, run_evaluation
     from bench.core.data import load_dataset
+    from bench.engine.adaptive import adaptive_settings
     from bench.store import Store
 
     subject, data = _eval_subject(args)
     what = "the checkpoint" if args.checkpoint else "the model"
     specs = attack_specs(args.attack, subject.threat, what)
     curves = None if args.no_curves else curve_settings(args.curve_samples)
+    adaptive = None if args.no_adaptive or args.no_sanity else adaptive_settings(
+        {"warned": args.adaptive_warned, **parse_remedies(args.remedy)}, "--remedy")
     data = data or load_dataset(subject.dataset, data_dir=args.data_dir, **subject.dataset_options)
     device = pick_device(args.device)
     fast = _fast(args, device)
@@ -279,12 +300,18 @@ def cmd_eval(args) -> None:
         print(f"evaluating {subject.info['name']} ({subject.dataset}, {subject.threat}; sha256 {subject.sha256[:12]})")
     result = run_evaluation(store, subject, data, specs, n_samples=args.n_samples, seed=args.seed,
                             batch_size=args.batch_size, device=device, force=args.force, curves=curves,
-                            sanity=not args.no_sanity, checkpoint_root=args.checkpoints, fast=fast)
+                            sanity=not args.no_sanity, adaptive=adaptive, checkpoint_root=args.checkpoints,
+                            fast=fast)
     print(f"  {'worst case':<12} {result.worst_case:7.2%}  (per-sample AND over {len(result.evaluation_ids)} "
           f"evaluations, n={result.n_samples})")
+    if result.adaptive_worst_case is not None:
+        print(f"  {'adaptive worst case':<12} {result.adaptive_worst_case:7.2%}  (with "
+              f"{len(result.adaptive_ids)} adaptive evaluations, n={result.adaptive_n})")
     for name, check in result.checks.items():
         if check.status in ("fail", "warn"):
             print(f"  {check.status.upper():<4} {name}: {check.summary}")
+            if name in result.remedies:
+                print(f"       {name}: {result.remedies[name]}")
 
 
 def _eval_subject(args):

@@ -1,14 +1,16 @@
 """A suite as a job graph, keyed by the identities the harness already has:
 
     train(run) ──► [plant(run, kind)] ──► evaluate(checkpoint, attack) ──┐
-        ▲                              └─► curves(checkpoint) ───────────┴─► checks(checkpoint) ──► report
+        ▲                              └─► curves(checkpoint) ───────────┴─► checks(checkpoint)
+        │                                                         ──► adaptive(checkpoint) ──► report
         └── train(the runs a defense or an attack trains on demand: teachers, natural starts,
             static models, transfer surrogates)
 
 A checkpoint is named by its run and kind (`best`, `last`, `planted-<kind>`): its sha256 exists
 only once the run is trained. The runs a defense asks `ctx.pretrained` for are found by calling
 its `setup` with a recording `Pretrained` that returns untrained models (an attack's `prepare`
-likewise), so the plan knows them without training anything.
+likewise), so the plan knows them without training anything. An adaptive job's key holds the
+registered remedies' revisions: a new or changed remedy makes a new job, which redoes the stage.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ from bench.core.data import Dataset
 from bench.core.defense import DEFENSES, TrainContext
 from bench.core.models import build_model
 from bench.core.threat import ThreatModel
+from bench.engine.adaptive import revisions as remedy_revisions
 from bench.engine.evaluation import CLEAN, AttackSpec
 from bench.engine.pretrained import Pretrained
 from bench.engine.runspec import RunSpec, build_train_config
 from bench.store import JobSpec
 
-PRIORITY = {"train": 0, "plant": 1, "evaluate": 2, "curves": 3, "checks": 4, "report": 5}
+PRIORITY = {"train": 0, "plant": 1, "evaluate": 2, "curves": 3, "checks": 4, "adaptive": 5, "report": 6}
 
 
 def run_payload(spec: RunSpec) -> dict:
@@ -154,6 +157,12 @@ def plan_suite(suite: Suite, data: Dataset, reports: str | None = None) -> list[
             key = f"checks:{run.run_id}:{kind}:{_digest(payload)}"
             jobs[key] = JobSpec(key, "checks", PRIORITY["checks"], payload, tuple(evals))
             checks.append(key)
+            if suite.adaptive is not None:
+                # the remedies' revisions are part of the job: a new or changed remedy is a new job
+                payload = {**target, **settings, "adaptive": asdict(suite.adaptive), "remedies": remedy_revisions()}
+                adaptive = f"adaptive:{run.run_id}:{kind}:{_digest(payload)}"
+                jobs[adaptive] = JobSpec(adaptive, "adaptive", PRIORITY["adaptive"], payload, (key,))
+                checks.append(adaptive)
         checks.extend(evals)
 
     runs = {spec.label: spec for spec in suite.runs}

@@ -30,6 +30,7 @@ from bench.core.attack import ATTACKS
 from bench.core.check import CHECKS
 from bench.core.errors import BenchError
 from bench.core.threat import format_eps
+from bench.engine.adaptive import describe
 from bench.store import Store
 
 DASH = fmt.DASH
@@ -131,8 +132,9 @@ def _write(path: Path, env: Environment, template: str, root: str, **values) -> 
 def leaderboard(store: Store) -> list[dict]:
     """One dict per leaderboard entry (dataset, threat model, checkpoint; superseded checkpoints
     left out), best worst case first on each board: name, kind, architecture (`model`), sha256,
-    clean accuracy, worst case and its n, the failed checks (`failed`) and the entry's leaderboard
-    `evaluations` (label, attack, params, implementation, n_samples, robust_acc, evaluation_id)."""
+    clean accuracy, worst case and its n, the adaptive worst case (`adaptive`, NaN where no remedy
+    ran), the failed checks (`failed`) and the entry's leaderboard `evaluations` (label, attack,
+    params, implementation, n_samples, robust_acc, evaluation_id)."""
     loaded = load(store)
     d, entries = loaded.data, loaded.entries
     rows = []
@@ -150,6 +152,7 @@ def leaderboard(store: Store) -> list[dict]:
                           "model": e["model"] if isinstance(e["model"], str) else None,
                           "clean": clean.get(checkpoint_id, np.nan),
                           "worst": worst["worst"].get(checkpoint_id, np.nan), "n": worst["n"].get(checkpoint_id, 0),
+                          "adaptive": worst["adaptive"].get(checkpoint_id, np.nan),
                           "failed": [f["name"] for f in loaded.flags.get((checkpoint_id, threat), [])
                                      if f["status"] == "fail"],
                           "evaluations": [{"label": r.label, "attack": r.attack,
@@ -164,7 +167,7 @@ def leaderboard(store: Store) -> list[dict]:
 def load(store: Store, claims_dir: str | Path | None = None) -> Loaded:
     data = _load(store)
     entries = _entries(data)
-    return Loaded(store, data, entries, _worst_case(store, data), _flags(data["sanity"], entries),
+    return Loaded(store, data, entries, _worst_case(store, data), _flags(data["sanity"], entries, data["remedies"]),
                   load_claims(claims_dir))
 
 
@@ -195,6 +198,7 @@ def _load(store: Store) -> dict[str, pd.DataFrame]:
         "adaptive": adaptive.sort_values("evaluation_id"),
         "clean": clean,
         "sanity": d["sanity"],
+        "remedies": d["remedies"],
         "curves": points.sort_values(["curve_id", "position"]),
     }
 
@@ -262,20 +266,30 @@ def check_meaning(name: str) -> str:
     return doc if end is None else doc[:end.start() + 1]
 
 
-def _flags(sanity: pd.DataFrame, entries: pd.DataFrame) -> dict[tuple, list[dict]]:
+def _flags(sanity: pd.DataFrame, entries: pd.DataFrame, remedies: pd.DataFrame) -> dict[tuple, list[dict]]:
     """Failed and warned sanity checks per (checkpoint, threat model), failures first, each with
-    its explanation (for hovering) and the link to its section on the run page."""
+    its explanation (for hovering), the link to its section on the run page and what the adaptive
+    stage did about it (`remedy`: "BPDA surrogate → 55.5% (closed)", or empty)."""
+    remedied = _remedied(remedies)
     bad = sanity[sanity["status"].isin(["fail", "warn"])]
     bad = bad.assign(order=bad["status"].map(STATUS_ORDER)).sort_values(["order", "name"])
     flags: dict[tuple, list[dict]] = {}
     for r in bad.itertuples():
         href = entries["href"].get(r.checkpoint_id)
+        remedy = remedied.get((r.checkpoint_id, r.threat, r.name), "")
         flags.setdefault((r.checkpoint_id, r.threat), []).append({
-            "name": r.name, "status": r.status,
+            "name": r.name, "status": r.status, "remedy": remedy,
             "href": f"{href}#{check_anchor(r.checkpoint_id, r.threat, r.name)}" if isinstance(href, str) else None,
             "title": " ".join(x for x in (f"{r.status.upper()} {r.name}: {check_meaning(r.name)}", _text(r.summary),
-                                          f"(value {fmt.num(r.value)}, threshold {fmt.num(r.threshold)})") if x)})
+                                          f"(value {fmt.num(r.value)}, threshold {fmt.num(r.threshold)})",
+                                          f"Adaptive: {remedy}." if remedy else "") if x)})
     return flags
+
+
+def _remedied(remedies: pd.DataFrame) -> dict[tuple, str]:
+    """(checkpoint_id, threat, check) → what the adaptive stage did about that flag, in a few words
+    (`bench.engine.adaptive.describe`), for the flags a remedy was tried on."""
+    return {(r.checkpoint_id, r.threat, r.check): describe(r) for r in remedies.itertuples() if r.status != "none"}
 
 
 # ----------------------------------------------------------------------------- leaderboards
@@ -534,6 +548,7 @@ def _run_page(run: dict, loaded: Loaded) -> dict:
                         "clean": ep["clean_acc"].map(fmt.pct), "robust": ep["robust_acc"].map(fmt.pct),
                         "lr": ep["lr"].map("{:.3g}".format), "seconds": ep["seconds"].map("{:.1f}".format)})
     checkpoints = []
+    remedied = _remedied(d["remedies"])
     evs = pd.concat([d["clean"], d["attacks"], d["adaptive"]])
     own = entries[(entries["run_id"] == run["run_id"]) & (entries["kind"] != "superseded")]
     for checkpoint_id, e in own.iterrows():
@@ -547,7 +562,7 @@ def _run_page(run: dict, loaded: Loaded) -> dict:
             "worst": [{"threat": fmt.threat(*fmt.split_threat(r.threat)), "acc": fmt.pct(r.worst), "n": fmt.integer(r.n),
                        "adaptive": fmt.pct(r.adaptive), "adaptive_n": fmt.integer(r.adaptive_n)}
                       for r in w.itertuples()],
-            "sanity": [_check_section(r) for r in san.itertuples()],
+            "sanity": [_check_section(r, remedied) for r in san.itertuples()],
             "charts": _curve_charts(d["curves"][d["curves"]["checkpoint_id"] == checkpoint_id])})
     best = int(run["best_epoch"]) if run["best_epoch"] != DASH else None
     charts = [] if ep.empty else [
@@ -569,9 +584,11 @@ def _evaluation_row(r) -> dict:
             "ms": f"{1000 * r.seconds / n:.3g}", "impl": r.implementation, "notes": _notes(r.diagnostics)}
 
 
-def _check_section(r) -> dict:
-    """A sanity check as people read it: what it expects, what was measured, the evidence."""
+def _check_section(r, remedied: dict[tuple, str]) -> dict:
+    """A sanity check as people read it: what it expects, what was measured, the evidence, and
+    what the adaptive stage did about it."""
     return {"name": r.name, "status": r.status, "threat": fmt.threat(r.norm, r.eps),
+            "remedy": remedied.get((r.checkpoint_id, r.threat, r.name), ""),
             "anchor": check_anchor(r.checkpoint_id, r.threat, r.name), "value": fmt.num(r.value),
             "threshold": fmt.num(r.threshold), "summary": _text(r.summary), "expects": check_meaning(r.name),
             "meaning": STATUS_MEANING.get(r.status, ""),

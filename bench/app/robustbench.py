@@ -15,8 +15,9 @@ robustbench/utils.py plus `unreliable` and `external` as its leaderboard files u
 accuracies as percent strings with two decimals, eps as written there ("8/255", "0.5"),
 `autoattack_acc` from an AutoAttack evaluation at the standard version's own budget when the row
 has one (either implementation; the footnote says which ran), `external` the
-per-sample worst case over all of the row's attacks (what RobustBench ranks by first), and
-`unreliable` set when a sanity check failed. What atbench does not know (link, authors, venue,
+per-sample worst case over all of the row's attacks (what RobustBench ranks by first; the footnote
+adds the adaptive worst case where the remedies of failed checks ran), and `unreliable` set when a
+sanity check failed. What atbench does not know (link, authors, venue,
 reported) is null, as RobustBench's own `update_json` writes it for a new model.
 """
 
@@ -120,6 +121,8 @@ def model_info(row: dict) -> dict:
         footnote += f"; AutoAttack: {aa['implementation']}, {aa['n_samples']} samples"
     if row["failed"]:
         footnote += f"; failed sanity checks: {', '.join(row['failed'])}"
+    if pd.notna(row.get("adaptive")):
+        footnote += f"; adaptive worst case (with the remedies of the flagged checks) {_percent(row['adaptive'])}%"
     info = {
         "link": None, "name": row["name"], "authors": None,
         "additional_data": False if row["kind"] != "external" else None,

@@ -7,8 +7,11 @@ the defenses to train and the attacks to evaluate every checkpoint with.
     [threat]      norm = "Linf", eps = 0.2          (eps may be a fraction string: "8/255")
     [model]       name = "small_cnn", other keys are the model's parameters
     [training]    TrainConfig fields (epochs, batch_size, lr, schedule, ...)
-    [evaluation]  n_samples, batch_size, seed, checkpoints = ["best", "last"], curves = true, sanity = true
+    [evaluation]  n_samples, batch_size, seed, checkpoints = ["best", "last"], curves = true, sanity = true,
+                  adaptive = true
     [curves]      CurveSettings fields (n_samples, eps, steps, restarts, ...); used when evaluation.curves
+    [adaptive]    warned = false (remedy warned checks too); [adaptive.NAME]: a remedy's budgets
+                  (bench.remedies); used when evaluation.sanity and evaluation.adaptive
     [defenses.LABEL]  defense = NAME (default LABEL), training = {overrides}, model = {overrides of [model]
                       parameters, or name = other architecture and its parameters}, other keys: parameters
     [defenses.LABEL.pretrained.NAME]  the training config (overrides of [training]) of the NAME run the
@@ -32,12 +35,13 @@ from bench.core.data import Dataset, load_dataset
 from bench.core.errors import BenchError
 from bench.core.planted import PLANTS
 from bench.core.threat import ThreatModel, parse_eps
+from bench.engine.adaptive import AdaptiveSettings, adaptive_settings
 from bench.engine.curves import CurveSettings
 from bench.engine.evaluation import AttackSpec, check_batch_size
 from bench.engine.runspec import RunSpec, build_train_config
 
 TOP_KEYS = ("name", "description", "dataset", "dataset_options", "seed", "threat", "model", "training",
-            "evaluation", "curves", "defenses", "attacks", "planted")
+            "evaluation", "curves", "adaptive", "defenses", "attacks", "planted")
 CHECKPOINT_KINDS = ("best", "last")
 SOURCE_SUITES = Path(__file__).resolve().parents[2] / "suites"  # the suites of a source checkout
 
@@ -46,8 +50,8 @@ SOURCE_SUITES = Path(__file__).resolve().parents[2] / "suites"  # the suites of 
 class EvalSettings:
     """How every checkpoint of a suite is evaluated: on the first `n_samples` of the test split
     (None: all), by `batch_size` ("auto": sized to the device, see
-    `bench.engine.evaluation.auto_batch_size`), with `seed`; with the curves and the sanity checks
-    unless off."""
+    `bench.engine.evaluation.auto_batch_size`), with `seed`; with the curves, the sanity checks and
+    the adaptive stage (the remedies of flagged checks, after the checks) unless off."""
 
     n_samples: int | None = None
     batch_size: int | str = "auto"
@@ -55,6 +59,7 @@ class EvalSettings:
     checkpoints: tuple[str, ...] = ("best", "last")
     curves: bool = True
     sanity: bool = True
+    adaptive: bool = True
 
     def __post_init__(self):
         check_batch_size(self.batch_size, "batch_size")
@@ -83,6 +88,7 @@ class Suite:
     evaluation: EvalSettings = field(default_factory=EvalSettings)
     curves: CurveSettings | None = field(default_factory=CurveSettings)
     planted: list[PlantSpec] = field(default_factory=list)
+    adaptive: AdaptiveSettings | None = field(default_factory=AdaptiveSettings)
 
 
 def _check_keys(table: dict, allowed, where: str) -> None:
@@ -167,6 +173,8 @@ def parse_suite(doc: dict[str, Any], path: Path) -> Suite:
     for kind in curves.checkpoints if curves else ():
         if kind not in CHECKPOINT_KINDS:
             raise BenchError(f"{where} [curves] checkpoints: unknown kind {kind!r}; accepted: {', '.join(CHECKPOINT_KINDS)}")
+    adaptive = adaptive_settings(_table(doc, "adaptive", where), f"{where} [adaptive]") \
+        if settings.sanity and settings.adaptive else None
     planted = []
     for label, entry in _table(doc, "planted", where).items():
         _check_keys(entry, ("from", "kind", "checkpoint"), f"{where} [planted.{label}]")
@@ -179,7 +187,8 @@ def parse_suite(doc: dict[str, Any], path: Path) -> Suite:
                              f"{', '.join(CHECKPOINT_KINDS)}; got {spec.kind!r}, {spec.checkpoint!r}")
         planted.append(spec)
     return Suite(name=doc.get("name", path.stem), path=path, dataset=doc["dataset"], dataset_options=dataset_options,
-                 threat=threat, runs=runs, attacks=attacks, evaluation=settings, curves=curves, planted=planted)
+                 threat=threat, runs=runs, attacks=attacks, evaluation=settings, curves=curves, planted=planted,
+                 adaptive=adaptive)
 
 
 def parse_attacks(table: dict, threat: ThreatModel, where: str = "suite") -> list[AttackSpec]:

@@ -31,6 +31,8 @@ from bench.core.data import Dataset, eval_indices, load_dataset
 from bench.core.errors import BenchError
 from bench.core.planted import PLANTS
 from bench.core.threat import ThreatModel
+from bench.engine.adaptive import AdaptiveSettings, run_adaptive
+from bench.engine.adaptive import revisions as remedy_revisions
 from bench.engine.checkpoint import load_model, plant, sha256_file, stored_path
 from bench.engine.curves import CurveSettings, compute_curves
 from bench.engine.evaluation import CLEAN, AttackSpec, Evaluator, sample_digest
@@ -177,13 +179,20 @@ def _checks(w: Worker, job: Job) -> bool:
     return run_checks(evaluator, evaluator.samples(job.payload["n_samples"])) is not None
 
 
+def _adaptive(w: Worker, job: Job) -> bool:
+    evaluator = w.evaluator(job)
+    settings = build_config(AdaptiveSettings, job.payload["adaptive"], "adaptive")
+    return run_adaptive(evaluator, evaluator.samples(job.payload["n_samples"]), settings) is not None
+
+
 def _report(w: Worker, job: Job) -> bool:
     render_report(w.store, job.payload["out"])
     return True
 
 
 EXECUTORS: dict[str, Callable[[Worker, Job], bool]] = {
-    "train": _train, "plant": _plant, "evaluate": _evaluate, "curves": _curves, "checks": _checks, "report": _report}
+    "train": _train, "plant": _plant, "evaluate": _evaluate, "curves": _curves, "checks": _checks,
+    "adaptive": _adaptive, "report": _report}
 
 
 # ---------------------------------------------------------------------- is a job's work already in the store?
@@ -240,9 +249,26 @@ def _checks_stored(w: Worker, job: Job) -> bool:
     return all(stored.get(name) == CHECKS.get(name).revision for name in CHECKS.names())
 
 
+def _adaptive_stored(w: Worker, job: Job) -> bool:
+    """Stored outcomes for exactly the flags that call for remedies, made with these settings and
+    the remedies registered now, at their revisions."""
+    slot = _slot(w, job)
+    if slot is None:
+        return False
+    _, meta = load_model(w.checkpoint(job.payload["run_id"], job.payload["kind"]))
+    threat = ThreatModel(meta["norm"], meta["eps"]).key
+    warned = job.payload["adaptive"]["warned"]
+    flags = sorted(row.name for row in w.store.stored_checks(slot.checkpoint_id, threat)
+                   if row.status == "fail" or (warned and row.status == "warn"))
+    stored = w.store.remedy_outcomes(slot.checkpoint_id, threat)
+    return [r.check for r in stored] == flags and all(r.config.get("settings") == job.payload["adaptive"]
+                                                      and r.config.get("revisions") == remedy_revisions()
+                                                      for r in stored)
+
+
 STORED: dict[str, Callable[[Worker, Job], bool]] = {
     "train": _train_stored, "plant": _plant_stored, "evaluate": _evaluate_stored, "curves": _curves_stored,
-    "checks": _checks_stored, "report": lambda w, job: False}
+    "checks": _checks_stored, "adaptive": _adaptive_stored, "report": lambda w, job: False}
 
 
 def mark_stored_jobs_done(w: Worker, jobs: Sequence[Job]) -> int:

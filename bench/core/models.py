@@ -67,6 +67,17 @@ def build_model_from_spec(spec: dict) -> nn.Module:
                        mean=spec["mean"], std=spec["std"], **spec.get("kwargs", {}))
 
 
+class Preprocessing(nn.Module):
+    """A declared input transform that has no useful gradient (quantization, JPEG, thermometer
+    encoding): `forward` is the transform, `approximate` a differentiable approximation of it. A
+    model that contains one says so, and an adaptive attack differentiates through `approximate`
+    instead (BPDA, Athalye et al. 2018, §4.1); the default is the identity, their straight-through
+    estimator."""
+
+    def approximate(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 # --------------------------------------------------------------------------- classifier heads
 
 HEADS = ("linear", "cosine")

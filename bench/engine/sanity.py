@@ -45,9 +45,10 @@ def records(store, evaluations: list[Evaluation]) -> dict[int, Record]:
     return out
 
 
-def build_context(evaluator: "Evaluator", samples: "SampleSet") -> tuple[CheckContext, str]:
+def build_context(evaluator: "Evaluator", samples: "SampleSet") -> tuple[CheckContext, str, "SampleSet"]:
     """The context of every stored result of the checkpoint at its threat model (see the module
-    docstring), and a digest of what it holds."""
+    docstring), a digest of what it holds, and the sample set it holds them on (the widest clean
+    evaluation's)."""
     store, threat = evaluator.store, evaluator.threat
     clean = store.clean_evaluation(evaluator.checkpoint_id)
     if clean is not None and clean.indices_hash != samples.digest:
@@ -64,7 +65,7 @@ def build_context(evaluator: "Evaluator", samples: "SampleSet") -> tuple[CheckCo
                        curves={name: [(x, recs[eid]) for x, eid in pts] for name, pts in curves.items()})
     inputs = {"samples": samples.digest, "clean": clean.evaluation_id if clean else None,
               "attacks": [e.evaluation_id for e in attacks], "curves": curves}
-    return ctx, hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+    return ctx, hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16], samples
 
 
 def run_checks(evaluator: "Evaluator", samples: "SampleSet") -> dict[str, CheckResult] | None:
@@ -72,7 +73,7 @@ def run_checks(evaluator: "Evaluator", samples: "SampleSet") -> dict[str, CheckR
     with `force`, else those not stored with their current revision and these inputs. Returns
     their results, or None when there was none to run."""
     store, threat = evaluator.store, evaluator.threat
-    ctx, inputs = build_context(evaluator, samples)
+    ctx, inputs, _ = build_context(evaluator, samples)
     stored = {row.name: row for row in store.stored_checks(evaluator.checkpoint_id, threat.key)}
     names = [name for name in CHECKS.names() if evaluator.force or name not in stored
              or stored[name].revision != CHECKS.get(name).revision or stored[name].inputs_hash != inputs]

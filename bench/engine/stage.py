@@ -1,6 +1,7 @@
 """The evaluation stage of one checkpoint: clean and the attacks (in the order given, cheap to
 expensive) → curves → sanity checks (of the model alone, then of every stored result of the
-checkpoint at its threat model), every result stored with provenance."""
+checkpoint at its threat model) → the adaptive stage (the remedies of the flagged checks), every
+result stored with provenance."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Callable, Sequence
 import torch
 
 from bench.core.data import Dataset
+from bench.engine.adaptive import AdaptiveSettings, run_adaptive
 from bench.engine.curves import CurveSettings, compute_curves
 from bench.engine.evaluation import CLEAN, AttackSpec, Evaluator, Outcome
 from bench.engine.fastpath import FastPath
@@ -22,23 +24,27 @@ from bench.store import Store
 @dataclass
 class CheckpointReport:
     """What `evaluate_checkpoint` did: the checkpoint's id in the store, one Outcome per clean/attack
-    evaluation, how many evaluations it computed (attacks and curve points; the rest were stored),
-    and the sanity checks it ran (None when they were stored already or not asked for)."""
+    evaluation, how many evaluations it computed (attacks, curve points and adaptive attacks; the
+    rest were stored), the sanity checks it ran and the adaptive stage's outcomes (None when they
+    were stored already or not asked for)."""
 
     checkpoint_id: int
     outcomes: list[Outcome]
     computed: int
     checks: dict | None
+    adaptive: list | None = None
 
 
 def evaluate_checkpoint(store: Store, checkpoint: Subject | str | Path, data: Dataset, specs: Sequence[AttackSpec], *,
                         n_samples: int | None = None, seed: int = 0, batch_size: int | str = "auto",
                         device: torch.device | str = "cpu", force: bool = False, curves: CurveSettings | None = None,
-                        sanity: bool = False, checkpoint_root: str | Path = "checkpoints",
-                        log: Callable[[str], None] = print, fast: FastPath | None = None) -> CheckpointReport:
+                        sanity: bool = False, adaptive: AdaptiveSettings | None = None,
+                        checkpoint_root: str | Path = "checkpoints", log: Callable[[str], None] = print,
+                        fast: FastPath | None = None) -> CheckpointReport:
     """Evaluate one checkpoint (a file, or any model as a `Subject`): clean, then `specs` in order,
-    then the curves (`CurveSettings`, or None for none), then (with `sanity`) the sanity checks;
-    `fast`: the device's fast path by default."""
+    then the curves (`CurveSettings`, or None for none), then (with `sanity`) the sanity checks and
+    (with `adaptive` settings, after them) the adaptive stage; `fast`: the device's fast path by
+    default."""
     attacks = [(spec, spec.build()) for spec in specs]  # validate every spec before any work
     for _, attack in attacks:
         attack.threat.check_for(data.input_shape)
@@ -50,4 +56,5 @@ def evaluate_checkpoint(store: Store, checkpoint: Subject | str | Path, data: Da
     if curves is not None:
         compute_curves(evaluator, curves)
     checks = run_checks(evaluator, samples) if sanity else None
-    return CheckpointReport(evaluator.checkpoint_id, outcomes, evaluator.computed, checks)
+    remedied = run_adaptive(evaluator, samples, adaptive) if sanity and adaptive is not None else None
+    return CheckpointReport(evaluator.checkpoint_id, outcomes, evaluator.computed, checks, remedied)

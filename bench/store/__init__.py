@@ -6,8 +6,9 @@ SQLite file (`results.db`) by default, any SQLAlchemy URL via `--db`. All access
 `Store.session()`, one transaction that commits or rolls back as a whole.
 
 An evaluation's `role` is "attack" (asked for by a suite or `bench eval`: it is a leaderboard
-column) or "curve" (computed only as a point of a curve). A curve point that coincides with an
-attack evaluation shares its row.
+column), "curve" (computed only as a point of a curve) or "adaptive" (run by a remedy of a flagged
+check: part of the adaptive worst case). A curve point that coincides with an attack evaluation
+shares its row.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from bench.core.errors import BenchError
 from bench.store.engine import BUSY_TIMEOUT_S, enable_wal, make_engine
 from bench.store.migrate import prepare_schema
-from bench.store.schema import (AdversarialExample, Checkpoint, Curve, CurvePoint, Evaluation, Job, JobDependency, Run,
+from bench.store.schema import (AdversarialExample, Checkpoint, Curve, CurvePoint, Evaluation, Job, JobDependency,
+                                RemedyOutcome, Run,
                                 RunCheckpoint, SampleResult, SanityCheck, TrainEpoch, utcnow)
 
 
@@ -273,12 +275,13 @@ class Store:
             return {e.evaluation_id: e for e in s.scalars(select(Evaluation).where(
                 Evaluation.evaluation_id.in_(list(evaluation_ids))))}
 
-    def attack_evaluations(self, checkpoint_id: int, threat: str) -> list[Evaluation]:
-        """Every leaderboard evaluation of the checkpoint at the threat model (by `ThreatModel.key`):
-        per label the one on the most samples, then the newest (`widest_per_label`), in id order."""
+    def attack_evaluations(self, checkpoint_id: int, threat: str, role: str = "attack") -> list[Evaluation]:
+        """Every leaderboard evaluation (or every one of another `role`: "adaptive") of the
+        checkpoint at the threat model (by `ThreatModel.key`): per label the one on the most
+        samples, then the newest (`widest_per_label`), in id order."""
         with self.session() as s:
             rows = s.scalars(select(Evaluation).where(
-                Evaluation.checkpoint_id == checkpoint_id, Evaluation.role == "attack",
+                Evaluation.checkpoint_id == checkpoint_id, Evaluation.role == role,
                 Evaluation.threat == threat)).all()
         return widest_per_label(rows)
 
@@ -386,6 +389,24 @@ class Store:
             s.execute(delete(SanityCheck).where(SanityCheck.checkpoint_id == checkpoint_id,
                                                 SanityCheck.threat == threat,
                                                 SanityCheck.name.in_([r.name for r in rows])))
+            for row in rows:
+                row.checkpoint_id, row.threat = checkpoint_id, threat
+                s.add(row)
+
+    # ------------------------------------------------------------------ remedies
+
+    def remedy_outcomes(self, checkpoint_id: int, threat: str) -> list[RemedyOutcome]:
+        """The adaptive stage's outcomes for a checkpoint under a threat model, by check name."""
+        with self.session() as s:
+            return list(s.scalars(select(RemedyOutcome).where(
+                RemedyOutcome.checkpoint_id == checkpoint_id, RemedyOutcome.threat == threat)
+                .order_by(RemedyOutcome.check)))
+
+    def replace_remedy_outcomes(self, checkpoint_id: int, threat: str, rows: Sequence[RemedyOutcome]) -> None:
+        """Store these outcomes as all the checkpoint has under the threat model (older ones go)."""
+        with self.session(write=True) as s:
+            s.execute(delete(RemedyOutcome).where(RemedyOutcome.checkpoint_id == checkpoint_id,
+                                                  RemedyOutcome.threat == threat))
             for row in rows:
                 row.checkpoint_id, row.threat = checkpoint_id, threat
                 s.add(row)
@@ -504,7 +525,8 @@ class Store:
     def tables(self) -> dict[str, pd.DataFrame]:
         """Every table as a DataFrame, for the report (which sorts and formats with pandas)."""
         tables = {"runs": Run, "epochs": TrainEpoch, "checkpoints": Checkpoint, "run_checkpoints": RunCheckpoint,
-                  "evaluations": Evaluation, "sanity": SanityCheck, "curves": Curve, "curve_points": CurvePoint}
+                  "evaluations": Evaluation, "sanity": SanityCheck, "curves": Curve, "curve_points": CurvePoint,
+                  "remedies": RemedyOutcome}
         with self.engine.connect() as con:
             return {name: pd.read_sql(select(cls.__table__), con) for name, cls in tables.items()}
 

@@ -7,10 +7,13 @@ migrations in `bench/store/migrations`.
   `run_checkpoints` says which checkpoint is a run's `best`, `last` or planted variant;
 - `evaluations` (+ `sample_results`): one attack (or `clean`) on one checkpoint over one recorded
   sample set, per sample; `role` is "attack" (a leaderboard column) or "curve" (only a curve
-  point);
+  point) or "adaptive" (an attack a remedy ran: part of the adaptive worst case);
 - `curves` (+ `curve_points`): a curve of one checkpoint whose points are evaluations;
 - `sanity_checks`: one check of one checkpoint under one threat model, with the revision of the
   check and a digest of the evaluations it read;
+- `remedy_outcomes`: what the adaptive stage did about one flagged check of one checkpoint under
+  one threat model: the remedies it tried, their adaptive evaluations (role "adaptive"), whether
+  the re-run check passes (closed) and the adaptive worst case after them;
 - `jobs` (+ `job_dependencies`): a suite's work as a graph (train, plant, evaluate, curves, checks,
   report), claimed by workers under a lease;
 - `adversarial_examples`: a few samples an attack evaluation fooled (at most
@@ -195,6 +198,33 @@ class SanityCheck(Provenance, Base):
     evidence: Mapped[dict] = mapped_column(JSON, default=dict)
 
 
+class RemedyOutcome(Provenance, Base):
+    """The adaptive stage's answer to one flagged check (`check`, flagged `check_status`) of one
+    checkpoint under one threat model. `status`: "closed" (a remedy's results make the re-run
+    check pass: `closed_by`), "open" (none did) or "none" (no remedy answers or applies);
+    `worst_case` over `n_samples`: the per-sample AND over the suite's attacks and every adaptive
+    evaluation run up to then; `remedies`: each remedy tried, in order, with its evaluation ids,
+    cost, re-run status and worst case; `inputs_hash`: a digest of what the stage read."""
+
+    __tablename__ = "remedy_outcomes"
+    __table_args__ = (UniqueConstraint("checkpoint_id", "threat", "check"),)
+    remedy_outcome_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoints.checkpoint_id"), index=True)
+    threat: Mapped[str] = mapped_column(String(64))
+    norm: Mapped[str] = mapped_column(String(8))
+    eps: Mapped[float] = mapped_column(Float)
+    check: Mapped[str] = mapped_column(String(100))
+    check_status: Mapped[str] = mapped_column(String(10))
+    status: Mapped[str] = mapped_column(String(10))  # closed | open | none
+    closed_by: Mapped[str | None] = mapped_column(String(100))
+    worst_case: Mapped[float | None] = mapped_column(Float)
+    n_samples: Mapped[int | None] = mapped_column(Integer)
+    recheck_status: Mapped[str | None] = mapped_column(String(10))
+    recheck_summary: Mapped[str | None] = mapped_column(Text)
+    remedies: Mapped[list] = mapped_column(JSON, default=list)
+    inputs_hash: Mapped[str] = mapped_column(String(64), default="")
+
+
 class Job(Base):
     """One unit of a suite's work. `state`: pending → running (claimed by `lease_owner` until
     `lease_expires`, renewed while it works) → done | failed (`error`: the one-line reason). A job
@@ -203,7 +233,7 @@ class Job(Base):
     __tablename__ = "jobs"
     job_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     key: Mapped[str] = mapped_column(Text, unique=True)
-    kind: Mapped[str] = mapped_column(String(20))  # train | plant | evaluate | curves | checks | report
+    kind: Mapped[str] = mapped_column(String(20))  # train | plant | evaluate | curves | checks | adaptive | report
     priority: Mapped[int] = mapped_column(Integer, default=0)  # lower first among claimable jobs
     payload: Mapped[dict] = mapped_column(JSON, default=dict)
     state: Mapped[str] = mapped_column(String(10), default="pending", index=True)

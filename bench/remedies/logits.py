@@ -1,0 +1,65 @@
+"""Logit recovery: the answer to probabilities and saturated logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from bench.core.config import require
+from bench.core.remedy import ATTACK_FAILURES, RecoveredLogits, Remedy, apgd_pair, probability_rows, register_remedy
+
+
+def _zero_gradient(model, x, y) -> torch.Tensor:
+    """Per sample: is the cross-entropy input gradient of `model` exactly zero?"""
+    z = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        grad, = torch.autograd.grad(F.cross_entropy(model(z), y, reduction="sum"), z)
+    return grad.flatten(1).abs().amax(1) == 0
+
+@register_remedy("logit_recovery")
+class LogitRecovery(Remedy):
+    """Logit recovery and margin losses (Carlini & Wagner 2017, §8: attack the logits, not the
+    softmax; Carlini et al. 2019, §4.2; Tramèr et al. 2020, §5.2, whose defenses saturate the
+    softmax; Croce & Hein 2020, DLR). The view takes the log of probability outputs and divides
+    each sample's logits by their standard deviation (logit rescaling: a huge scale no longer
+    underflows the cross-entropy); on it run APGD-CE and APGD-T (from 4 classes), whose targeted DLR loss is
+    invariant to the logits' shift and scale. Applies when the model returns probabilities (more
+    than half of the outputs) or when the view has a gradient where the model's cross-entropy has
+    none (more than `min_fraction` of the samples). Defaults: AutoAttack's APGD (100 steps, 1
+    restart, 9 target classes)."""
+
+    title = "logit recovery"
+    paper = "Carlini & Wagner 2017 §8; Tramèr et al. 2020 §5.2; Croce & Hein 2020"
+    answers = ("logits_not_probabilities", "gradients_nonzero") + ATTACK_FAILURES
+    order = 1
+
+    @dataclass(frozen=True)
+    class Config:
+        steps: int = 100
+        restarts: int = 1
+        n_target_classes: int = 9
+        min_fraction: float = 0.01
+
+        def __post_init__(self):
+            require(self, at_least_one=("steps", "restarts", "n_target_classes"), fraction=("min_fraction",))
+
+    def applies(self, ctx):
+        with torch.no_grad():
+            probabilities = probability_rows(ctx.model(ctx.x)).float().mean().item()
+        if probabilities > 0.5:
+            return None
+        restored = (_zero_gradient(ctx.model, ctx.x, ctx.y) & ~_zero_gradient(self.view(ctx.model, ctx), ctx.x, ctx.y))
+        fraction = restored.float().mean().item()
+        if fraction > self.config.min_fraction:
+            return None
+        return (f"the model returns logits, and recovering them restores a gradient on {fraction:.1%} of the samples "
+                f"(needs > {self.config.min_fraction:.0%})")
+
+    def attacks(self, ctx):
+        c = self.config
+        return apgd_pair(ctx, "apgd_t", steps=c.steps, restarts=c.restarts, n_target_classes=c.n_target_classes)
+
+    def view(self, model, ctx):
+        return RecoveredLogits(model)
