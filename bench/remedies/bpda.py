@@ -14,6 +14,18 @@ from bench.core.models import Preprocessing
 from bench.core.remedy import ATTACK_FAILURES, Remedy, apgd_pair, forward_backward, recover_logits, register_remedy
 
 
+@dataclass(frozen=True)
+class APGDBudget:
+    """Both BPDA remedies' budget: AutoAttack's APGD (steps, restarts, APGD-T's target classes)."""
+
+    steps: int = 100
+    restarts: int = 1
+    n_target_classes: int = 9
+
+    def __post_init__(self):
+        require(self, at_least_one=("steps", "restarts", "n_target_classes"))
+
+
 def _straight_through(module: Preprocessing, inputs, output):
     return forward_backward(output, module.approximate(inputs[0]))
 
@@ -54,14 +66,7 @@ class BPDAStraightThrough(Remedy):
     answers = ("gradients_nonzero",) + ATTACK_FAILURES
     order = 3
 
-    @dataclass(frozen=True)
-    class Config:
-        steps: int = 100
-        restarts: int = 1
-        n_target_classes: int = 9
-
-        def __post_init__(self):
-            require(self, at_least_one=("steps", "restarts", "n_target_classes"))
+    Config = APGDBudget
 
     def applies(self, ctx):
         if any(isinstance(m, Preprocessing) for m in ctx.model.modules()):
@@ -132,14 +137,7 @@ class BPDAOperators(Remedy):
     answers = ("gradients_nonzero",) + ATTACK_FAILURES
     order = 4
 
-    @dataclass(frozen=True)
-    class Config:
-        steps: int = 100
-        restarts: int = 1
-        n_target_classes: int = 9
-
-        def __post_init__(self):
-            require(self, at_least_one=("steps", "restarts", "n_target_classes"))
+    Config = APGDBudget
 
     def applies(self, ctx):
         mode = OperatorBPDA()
