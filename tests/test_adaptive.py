@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 from pathlib import Path
 
 import pytest
 from conftest import FIX, HONEST, PLANTED_EPS
 
+from bench.core.check import CHECKS
 from bench.core.remedy import REMEDIES
 from bench.core.stats import paired_difference
 from bench.core.threat import ThreatModel
@@ -94,6 +96,13 @@ def test_a_suite_runs_the_adaptive_stage_as_one_job_per_checkpoint(tmp_path, mon
         out = capsys.readouterr().out
         assert "logit_recovery:apgd_ce" in out and "stored)" not in out.split("logit_recovery:apgd_ce")[1].splitlines()[0]
         assert re.search(r"adaptive +logits_not_probabilities: logit recovery → \d+\.\d% \(closed\)", out), out
+    with monkeypatch.context() as m:  # a check's new revision: the checks jobs run again and recompute it
+        m.setattr(CHECKS.get("restarts_saturate"), "revision", 2)
+        assert main(["run", "--suite", str(suite), "--device", "cpu", "--no-report"]) == 0
+        assert "nothing to do" not in capsys.readouterr().out
+        with sqlite3.connect(tmp_path / "results.db") as db:
+            assert db.execute("SELECT DISTINCT revision FROM sanity_checks WHERE name = 'restarts_saturate'"
+                              ).fetchall() == [(2,)]
     planted = next(tmp_path.glob("checkpoints/*/planted-softmax.pt"))
     argv = ["eval", str(planted), "--attack", "pgd10=pgd:steps=10", "--n-samples", "48", "--device", "cpu",
             "--no-curves", "--remedy", "logit_recovery:steps=10,n_target_classes=3"]

@@ -160,6 +160,34 @@ def test_fgsm_loss_monotone_flags_a_falling_loss():
     assert result.status == "fail" and (result.evidence["from"], result.evidence["to"]) == (0.1, 0.2)
 
 
+def test_pgd_loss_monotone_compares_the_samples_not_yet_fooled():
+    """The loss falls from eps 0.9 to 1 on samples fooled long before (an honest model at a
+    box-sized eps, as TRADES on MNIST): not a flag. The same fall on samples still correct at the
+    smaller eps (the attack loses ground in a larger ball) fails, and so does a fall on the
+    survivors hidden by a rise on the fooled samples."""
+    rng = np.random.default_rng(2)
+    n = 200
+
+    def at(correct, mean):
+        return record("p", "pgd", "gradient", correct, loss=mean + 0.1 * rng.standard_normal(n))
+
+    alive, dead = np.ones(n, bool), np.zeros(n, bool)
+    box = {"eps:pgd": [(0.0, at(alive, 0.2)), (0.3, at(alive, 0.5)), (0.45, at(dead, 6.0)), (0.9, at(dead, 8.6)),
+                       (1.0, at(dead, 8.2))]}
+    result = CHECKS.get("pgd_loss_monotone_in_eps")().run(context(curves=box))
+    assert result.status == "pass", result.summary
+    assert result.evidence["not_fooled"] == {"0": n, "0.3": n, "0.45": 0, "0.9": 0, "1": 0}
+    masked = {"eps:pgd": [(0.0, at(alive, 0.2)), (0.3, at(alive, 0.5)), (0.45, at(alive, 0.3))]}
+    result = CHECKS.get("pgd_loss_monotone_in_eps")().run(context(curves=masked))
+    assert result.status == "fail" and (result.evidence["from"], result.evidence["to"]) == (0.3, 0.45)
+    half = np.arange(n) < n // 2  # survivors' loss falls by 0.3, the fooled half's rises by 2: the mean rises
+    mixed = {"eps:pgd": [(0.0, at(alive, 0.2)), (0.3, at(half, 0.5)),
+                         (0.45, record("p", "pgd", "gradient", half, loss=np.where(half, 0.2, 2.5)))]}
+    assert CHECKS.get("pgd_loss_monotone_in_eps")().run(context(curves=mixed)).status == "fail"
+    gone = {"eps:pgd": [(0.0, at(dead, 3.0)), (0.3, at(dead, 2.0))]}
+    assert CHECKS.get("pgd_loss_monotone_in_eps")().run(context(curves=gone)).status == "not-run"
+
+
 # --------------------------------------------------------------------------- planted failures, end to end
 
 def stored_checks(store, path, threat: ThreatModel) -> list[SanityCheck]:

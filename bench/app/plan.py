@@ -9,8 +9,9 @@
 A checkpoint is named by its run and kind (`best`, `last`, `planted-<kind>`): its sha256 exists
 only once the run is trained. The runs a defense asks `ctx.pretrained` for are found by calling
 its `setup` with a recording `Pretrained` that returns untrained models (an attack's `prepare`
-likewise), so the plan knows them without training anything. An adaptive job's key holds the
-registered remedies' revisions: a new or changed remedy makes a new job, which redoes the stage.
+likewise), so the plan knows them without training anything. A checks job's key holds the
+registered checks' revisions, an adaptive job's those and the remedies': a new or changed check or
+remedy makes a new job, which recomputes what it changed.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from bench.engine.adaptive import revisions as remedy_revisions
 from bench.engine.evaluation import CLEAN, AttackSpec
 from bench.engine.pretrained import Pretrained
 from bench.engine.runspec import RunSpec, build_train_config
+from bench.engine.sanity import revisions as check_revisions
 from bench.store import JobSpec
 
 PRIORITY = {"train": 0, "plant": 1, "evaluate": 2, "curves": 3, "checks": 4, "adaptive": 5, "report": 6}
@@ -153,13 +155,14 @@ def plan_suite(suite: Suite, data: Dataset, reports: str | None = None) -> list[
             jobs[key] = JobSpec(key, "curves", PRIORITY["curves"], payload, (upstream,))
             evals.append(key)
         if suite.evaluation.sanity:
-            payload = {**target, **settings}
+            # the checks' (and remedies') revisions are part of the jobs: a new or changed one is a new job
+            payload = {**target, **settings, "checks": check_revisions()}
             key = f"checks:{run.run_id}:{kind}:{_digest(payload)}"
             jobs[key] = JobSpec(key, "checks", PRIORITY["checks"], payload, tuple(evals))
             checks.append(key)
             if suite.adaptive is not None:
-                # the remedies' revisions are part of the job: a new or changed remedy is a new job
-                payload = {**target, **settings, "adaptive": asdict(suite.adaptive), "remedies": remedy_revisions()}
+                payload = {**target, **settings, "checks": check_revisions(), "adaptive": asdict(suite.adaptive),
+                           "remedies": remedy_revisions()}
                 adaptive = f"adaptive:{run.run_id}:{kind}:{_digest(payload)}"
                 jobs[adaptive] = JobSpec(adaptive, "adaptive", PRIORITY["adaptive"], payload, (key,))
                 checks.append(adaptive)

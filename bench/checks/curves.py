@@ -49,12 +49,15 @@ class UnboundedAttackSucceeds(Check):
                            {"eps": eps, "examples": record.index[record.correct][:10].tolist()})
 
 
-def _worst_consecutive(points: list[tuple[float, Record]], value) -> tuple[float, float, float, float, float]:
+def _worst_consecutive(points: list[tuple[float, Record]], value) -> tuple[float, float, float, float, float] | None:
     """(x1, x2, lower, estimate, upper) of the consecutive pair (x1 < x2) whose `value(r2, r1)` =
-    (estimate, lower, upper) has the highest lower bound."""
+    (estimate, lower, upper) has the highest lower bound; pairs valued NaN (nothing to compare)
+    are skipped, and None is returned when every pair is."""
     worst = None
     for (x1, r1), (x2, r2) in zip(points, points[1:]):
         est, lower, upper = value(r2, r1)
+        if est != est:
+            continue
         if worst is None or lower > worst[2]:
             worst = (x1, x2, lower, est, upper)
     return worst
@@ -75,13 +78,23 @@ class MonotoneInEps(Check):
             (b, _), (a, _) = paired(later, earlier)
             return paired_difference(b, a)
 
-        x1, x2, lower, est, upper = _worst_consecutive(points, rise)
+        worst = _worst_consecutive(points, rise)
+        if worst is None:
+            return not_run("the eps curve has fewer than two points")
+        x1, x2, lower, est, upper = worst
         return CheckResult(grade(est, lower, ORDER_MARGIN, ORDER_MARGIN), est, ORDER_MARGIN,
                            f"largest accuracy rise with eps: {est:+.1%} from eps {x1:g} to {x2:g} "
                            f"(95% CI [{lower:+.1%}, {upper:+.1%}])", {"from": x1, "to": x2, "ci": [lower, upper]})
 
 
 class _LossMonotone(Check):
+    """Consecutive eps of one curve compared on the samples the attack has not fooled at the
+    smaller eps: a sample already misclassified there is an adversarial example found, and how
+    much higher its loss climbs in a larger ball says nothing about whether the attack can find
+    them (at a box-sized eps, PGD's larger steps can settle lower on samples fooled long before:
+    an honest TRADES model on MNIST, every sample fooled from eps 0.45, fell from 8.61 at eps 0.9 to
+    8.22 at eps 1). A pair with no such sample is skipped."""
+
     curve: str
 
     def run(self, ctx):
@@ -93,18 +106,22 @@ class _LossMonotone(Check):
             return not_run("the eps grid has fewer than two points in range")
 
         def fall(later, earlier):
-            (_, lb), (_, la) = paired(later, earlier)
-            return mean_difference(la, lb)  # how much the loss falls from the earlier eps to the later
+            (_, lb), (ca, la) = paired(later, earlier)
+            return mean_difference(la[ca], lb[ca])  # how much the loss falls, on samples not fooled earlier
 
-        x1, x2, lower, est, upper = _worst_consecutive(points, fall)
+        worst = _worst_consecutive(points, fall)
+        if worst is None:
+            return not_run("no sample survives the attack at any eps but the largest: nothing to compare")
+        x1, x2, lower, est, upper = worst
         attack = self.curve.split(":")[1].upper()
         return CheckResult("fail" if lower > 0 else "pass", est, 0.0,
-                           f"mean {attack} loss up to eps {points[-1][0]:g}: "
+                           f"mean {attack} loss up to eps {points[-1][0]:g}, on samples not fooled at the smaller eps: "
                            + (f"falls by {est:.3g} from eps {x1:g} to {x2:g}" if est > 0 else
                               f"rises at every step (least: {-est:.3g} from eps {x1:g} to {x2:g})")
                            + f" (95% CI of the fall [{lower:.3g}, {upper:.3g}])",
                            {"from": x1, "to": x2, "ci": [lower, upper],
-                            "mean_loss": {f"{x:g}": r.mean_loss for x, r in points}})
+                            "mean_loss": {f"{x:g}": r.mean_loss for x, r in points},
+                            "not_fooled": {f"{x:g}": int(r.correct.sum()) for x, r in points}})
 
     def up_to(self, ctx) -> float:
         return ctx.unbounded_eps
@@ -114,8 +131,10 @@ class _LossMonotone(Check):
 class PGDLossMonotoneInEps(_LossMonotone):
     """The mean cross-entropy PGD reaches does not fall as eps grows (Carlini et al. 2019): the
     larger ball contains the smaller one's maximizer. Fails when it falls with 95% confidence
-    between consecutive eps of the grid."""
+    between consecutive eps of the grid, on the samples PGD has not fooled at the smaller one.
+    Revision 2: compared on those samples only (revision 1 took every sample, see `_LossMonotone`)."""
 
+    revision = 2
     curve = "eps:pgd"
 
 
@@ -123,8 +142,10 @@ class PGDLossMonotoneInEps(_LossMonotone):
 class FGSMLossMonotoneInEps(_LossMonotone):
     """The mean cross-entropy at FGSM points does not fall as eps grows, up to twice the threat
     eps (Vivek & Babu 2020, single-step gradient masking: on a masked model the one-step linear
-    approximation fails, and the FGSM loss drops at larger eps). Fails on a fall with 95% confidence."""
+    approximation fails, and the FGSM loss drops at larger eps). Fails on a fall with 95% confidence,
+    on the samples FGSM has not fooled at the smaller eps (revision 2; see `_LossMonotone`)."""
 
+    revision = 2
     curve = "eps:fgsm"
 
     def up_to(self, ctx) -> float:

@@ -68,6 +68,12 @@ def build_context(evaluator: "Evaluator", samples: "SampleSet") -> tuple[CheckCo
     return ctx, hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16], samples
 
 
+def revisions() -> dict[str, int]:
+    """Every registered check's revision: part of a suite's checks and adaptive jobs, so that a
+    new or changed check makes them run again (and recompute what it changed)."""
+    return {name: CHECKS.get(name).revision for name in CHECKS.names()}
+
+
 def run_checks(evaluator: "Evaluator", samples: "SampleSet") -> dict[str, CheckResult] | None:
     """Run the registered checks on the checkpoint's stored results and store them: every check
     with `force`, else those not stored with their current revision and these inputs. Returns
