@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import FIX, HONEST, PLANTED_EPS
 
+from bench.core.attack import ATTACKS
 from bench.core.check import CHECKS
 from bench.core.remedy import REMEDIES
 from bench.core.stats import paired_difference
@@ -103,6 +104,15 @@ def test_a_suite_runs_the_adaptive_stage_as_one_job_per_checkpoint(tmp_path, mon
         with sqlite3.connect(tmp_path / "results.db") as db:
             assert db.execute("SELECT DISTINCT revision FROM sanity_checks WHERE name = 'restarts_saturate'"
                               ).fetchall() == [(2,)]
+    with monkeypatch.context() as m:  # an attack's new revision: its evaluations (suite and curves) are recomputed
+        m.setattr(ATTACKS.get("fgsm"), "revision", 7)
+        assert main(["run", "--suite", str(suite), "--device", "cpu", "--no-report"]) == 0
+        out = capsys.readouterr().out
+        assert "nothing to do" not in out
+        with sqlite3.connect(tmp_path / "results.db") as db:
+            count = {r: dict(db.execute("SELECT role, COUNT(*) FROM evaluations WHERE attack = 'fgsm' AND "
+                                        "implementation LIKE ? GROUP BY role", (f"% r{r}",)).fetchall()) for r in (1, 7)}
+        assert count[7] == count[1] and count[1]["curve"] == 2 * count[1]["attack"] >= 12, count  # eps 0.1 and 0.4
     planted = next(tmp_path.glob("checkpoints/*/planted-softmax.pt"))
     argv = ["eval", str(planted), "--attack", "pgd10=pgd:steps=10", "--n-samples", "48", "--device", "cpu",
             "--no-curves", "--remedy", "logit_recovery:steps=10,n_target_classes=3"]

@@ -9,9 +9,12 @@
 A checkpoint is named by its run and kind (`best`, `last`, `planted-<kind>`): its sha256 exists
 only once the run is trained. The runs a defense asks `ctx.pretrained` for are found by calling
 its `setup` with a recording `Pretrained` that returns untrained models (an attack's `prepare`
-likewise), so the plan knows them without training anything. A checks job's key holds the
-registered checks' revisions, an adaptive job's those and the remedies': a new or changed check or
-remedy makes a new job, which recomputes what it changed.
+likewise), so the plan knows them without training anything. The keys hold the code that makes
+each result: a train job's run id hashes the defense's and the trainer's revisions, an evaluate or
+curves job holds its attacks' implementation and revision (`code_identity`), a checks job the
+registered checks' revisions, an adaptive job those and the remedies'. A changed attack, check or
+remedy thus makes new jobs, and the next `bench run` recomputes what it changed (what did not
+change is found stored, by its identity, and not recomputed).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from bench.core.defense import DEFENSES, TrainContext
 from bench.core.models import build_model
 from bench.core.threat import ThreatModel
 from bench.engine.adaptive import revisions as remedy_revisions
-from bench.engine.evaluation import CLEAN, AttackSpec
+from bench.engine.curves import code_identity as curves_identity
+from bench.engine.evaluation import CLEAN, AttackSpec, code_identity
 from bench.engine.pretrained import Pretrained
 from bench.engine.runspec import RunSpec, build_train_config
 from bench.engine.sanity import revisions as check_revisions
@@ -142,7 +146,8 @@ def plan_suite(suite: Suite, data: Dataset, reports: str | None = None) -> list[
                   "dataset_options": run.dataset_options}
         evals = []
         for attack in [AttackSpec(CLEAN, CLEAN)] + suite.attacks:
-            payload = {**target, **settings, "label": attack.label, "attack": attack.attack, "params": attack.params}
+            payload = {**target, **settings, "label": attack.label, "attack": attack.attack, "params": attack.params,
+                       "code": code_identity(None if attack.attack == CLEAN else attack.build())}
             deps = (upstream,)
             if attack.attack != CLEAN:
                 deps += tuple(train_job(dep) for dep in pretrained_runs_of_attack(attack, run, data, settings["seed"]))
@@ -150,7 +155,7 @@ def plan_suite(suite: Suite, data: Dataset, reports: str | None = None) -> list[
             jobs[key] = JobSpec(key, "evaluate", PRIORITY["evaluate"], payload, deps)
             evals.append(key)
         if curves:
-            payload = {**target, **settings, "curves": asdict(suite.curves)}
+            payload = {**target, **settings, "curves": asdict(suite.curves), "code": curves_identity(run.threat)}
             key = f"curves:{run.run_id}:{kind}:{_digest(payload)}"
             jobs[key] = JobSpec(key, "curves", PRIORITY["curves"], payload, (upstream,))
             evals.append(key)

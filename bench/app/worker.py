@@ -236,7 +236,9 @@ def _curves_stored(w: Worker, job: Job) -> bool:
     digest = sample_digest(data, eval_indices(len(data.test_x), settings.n_samples))
     curves = w.store.curves_on(slot.checkpoint_id, digest, p["seed"])
     sizes = {"steps:pgd": len(set(settings.steps)), "restarts:pgd": len(set(settings.restarts))}
-    return len(curves) == 4 and all(len(curves[name]) == n for name, n in sizes.items())
+    code = {name: c.get("code") for name, c in w.store.curve_configs(slot.checkpoint_id, digest, p["seed"]).items()}
+    return len(curves) == 4 and all(len(curves[name]) == n for name, n in sizes.items()) \
+        and all(c == p["code"] for c in code.values())  # made by the attacks' current code
 
 
 def _checks_stored(w: Worker, job: Job) -> bool:

@@ -35,8 +35,10 @@ from bench.core.rng import batch_seed, fork_rng
 from bench.core.threat import ThreatModel
 from bench.engine.counting import count_passes
 from bench.engine.evaluation import CLEAN, AttackResult, Evaluator, SampleSet, thin
+from bench.engine.evaluation import code_identity as evaluation_identity
 from bench.engine.provenance import provenance
 
+CURVE_ATTACKS = ("fgsm", "pgd")  # the eps curves' attacks (the steps and restarts curves run PGD)
 EPS_MULTIPLES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
 CONVERGENCE_WINDOW = 0.1   # the last 10% of a trajectory's iterations ...
 CONVERGENCE_GAIN = 0.01    # ... raising a still-robust sample's best loss by more than 1% = not converged
@@ -66,6 +68,11 @@ class CurveSettings:
                 positive=("eps", "step_fraction"))
 
 
+def code_identity(threat: ThreatModel) -> dict:
+    """The code identity (`evaluation.code_identity`) of the attacks the curves run."""
+    return {name: evaluation_identity(ATTACKS.get(name)(norm=threat.norm, eps=threat.eps)) for name in CURVE_ATTACKS}
+
+
 def unbounded_eps(threat: ThreatModel, input_shape) -> float:
     """The eps at which the ball covers the whole pixel cube [0, 1]^d."""
     return 1.0 if threat.norm == "Linf" else math.sqrt(math.prod(input_shape))
@@ -88,7 +95,7 @@ def _compute_curves(evaluator: Evaluator, settings: CurveSettings) -> dict[str, 
     threat, samples = evaluator.threat, evaluator.samples(settings.n_samples)
     clean = evaluator.evaluate(CLEAN, CLEAN, None, samples, role="curve").evaluation_id
     grid = list(settings.eps) or default_eps_grid(threat, evaluator.data.input_shape)
-    fgsm, pgd_attack = ATTACKS.get("fgsm"), ATTACKS.get("pgd")
+    fgsm, pgd_attack = (ATTACKS.get(name) for name in CURVE_ATTACKS)
     curves = {}
     for name, make in (("fgsm", lambda e: fgsm(norm=threat.norm, eps=e)),
                        ("pgd", lambda e: pgd_attack(norm=threat.norm, eps=e, steps=settings.eps_steps))):
@@ -242,5 +249,6 @@ def _restarts(evaluator: Evaluator, samples: SampleSet, attacks: dict[int, Attac
 def _save_curve(evaluator: Evaluator, name: str, x_label: str, samples: SampleSet, points: dict[float, int]) -> int:
     """Create or update the curve row and point it at these evaluations."""
     return evaluator.store.save_curve(evaluator.checkpoint_id, name, x_label, samples.digest, evaluator.seed, points,
-                                      provenance(evaluator.device, {"curve": name, "checkpoint": evaluator.checkpoint},
+                                      provenance(evaluator.device, {"curve": name, "checkpoint": evaluator.checkpoint,
+                                                                    "code": code_identity(evaluator.threat)},
                                                  evaluator.seed))

@@ -64,6 +64,14 @@ class AttackSpec:
         return ATTACKS.get(self.attack)(**self.params)
 
 
+def code_identity(attack: Attack | None) -> dict:
+    """What identifies an attack's evaluations besides its parameters, samples and seed: its
+    implementation and revision, the adversary library's revision and the protocol (None: clean).
+    A suite's evaluate and curves jobs hold it, so the next `bench run` recomputes what changed."""
+    return {"implementation": None if attack is None else attack.implementation_id,
+            "adversary": adversary.REVISION, "protocol": PROTOCOL}
+
+
 @dataclass
 class Outcome:
     label: str

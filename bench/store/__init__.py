@@ -373,6 +373,12 @@ class Store:
             return {c.name: [(p.x, p.evaluation_id) for p in c.points] for c in s.scalars(select(Curve).where(
                 Curve.checkpoint_id == checkpoint_id, Curve.seed == seed, Curve.indices_hash == indices_hash))}
 
+    def curve_configs(self, checkpoint_id: int, indices_hash: str, seed: int) -> dict[str, dict]:
+        """{curve name: its stored config} of the checkpoint on one sample set and seed."""
+        with self.session() as s:
+            return {c.name: c.config or {} for c in s.scalars(select(Curve).where(
+                Curve.checkpoint_id == checkpoint_id, Curve.seed == seed, Curve.indices_hash == indices_hash))}
+
     # ------------------------------------------------------------------ sanity checks
 
     def stored_checks(self, checkpoint_id: int, threat: str) -> list[SanityCheck]:
