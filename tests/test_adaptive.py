@@ -92,18 +92,18 @@ def test_a_suite_runs_the_adaptive_stage_as_one_job_per_checkpoint(tmp_path, mon
     assert main(["run", "--suite", str(suite), "--device", "cpu", "--no-report"]) == 0
     assert "nothing to do" in capsys.readouterr().out
     with monkeypatch.context() as m:  # a remedy's new revision makes its outcomes stale: the stage runs again
-        m.setattr(REMEDIES.get("logit_recovery"), "revision", 2)
+        m.setattr(REMEDIES.get("logit_recovery"), "revision", REMEDIES.get("logit_recovery").revision + 1)
         assert main(["run", "--suite", str(suite), "--device", "cpu", "--no-report"]) == 0
         out = capsys.readouterr().out
         assert "logit_recovery:apgd_ce" in out and "stored)" not in out.split("logit_recovery:apgd_ce")[1].splitlines()[0]
         assert re.search(r"adaptive +logits_not_probabilities: logit recovery → \d+\.\d% \(closed\)", out), out
     with monkeypatch.context() as m:  # a check's new revision: the checks jobs run again and recompute it
-        m.setattr(CHECKS.get("restarts_saturate"), "revision", 2)
+        m.setattr(CHECKS.get("restarts_saturate"), "revision", CHECKS.get("restarts_saturate").revision + 1)
         assert main(["run", "--suite", str(suite), "--device", "cpu", "--no-report"]) == 0
         assert "nothing to do" not in capsys.readouterr().out
         with sqlite3.connect(tmp_path / "results.db") as db:
             assert db.execute("SELECT DISTINCT revision FROM sanity_checks WHERE name = 'restarts_saturate'"
-                              ).fetchall() == [(2,)]
+                              ).fetchall() == [(CHECKS.get("restarts_saturate").revision,)]
     with monkeypatch.context() as m:  # an attack's new revision: its evaluations (suite and curves) are recomputed
         m.setattr(ATTACKS.get("fgsm"), "revision", 7)
         assert main(["run", "--suite", str(suite), "--device", "cpu", "--no-report"]) == 0

@@ -16,7 +16,7 @@ from bench.core.check import CHECKS, CheckContext, CheckResult
 from bench.core.errors import BenchError
 from bench.core.models import Preprocessing
 from bench.core.planted import BatchRandom, JpegCompression, NoisyInput, Partial, Shattered
-from bench.core.remedy import REMEDIES, AdaptiveAttack, RemedyContext, recover_logits
+from bench.core.remedy import LOGIT_STD_CAP, REMEDIES, AdaptiveAttack, RemedyContext, recover_logits
 from bench.core.threat import ThreatModel
 from bench.engine.adaptive import AdaptiveSettings, adaptive_settings, calls_for
 from bench.remedies.bpda import OperatorStraightThrough, StraightThrough
@@ -90,12 +90,20 @@ def test_failed_checks_call_for_remedies_and_warned_ones_when_asked():
 
 def test_recovered_logits_undo_softmax_and_scale_and_keep_the_prediction():
     z = torch.randn(16, 10) * 3
+    assert torch.equal(recover_logits(z), z)  # ordinary logits: the model's own cross-entropy
     for out in (z, torch.softmax(z, 1), 1e4 * z):
         r = recover_logits(out)
         assert torch.equal(r.argmax(1), z.argmax(1))
-        assert torch.allclose(r.std(1), torch.ones(16), atol=1e-5)
+        assert (r.std(1) <= LOGIT_STD_CAP + 1e-4).all()
+    assert torch.allclose(recover_logits(1e4 * z).std(1), torch.full((16,), LOGIT_STD_CAP), atol=1e-4)
     # a softmax's log is the logits up to a per-sample shift (while no probability underflows)
-    assert torch.allclose(centred(recover_logits(torch.softmax(z, 1))), centred(recover_logits(z)), atol=1e-4)
+    assert torch.allclose(centred(recover_logits(torch.softmax(z, 1))), centred(z), atol=1e-4)
+    # a scale that saturates the cross-entropy's gradient in float32 no longer does
+    w = z.clone().requires_grad_(True)
+    saturated, = torch.autograd.grad(F.cross_entropy(1e4 * w, z.argmax(1)), w)
+    w = z.clone().requires_grad_(True)
+    recovered, = torch.autograd.grad(F.cross_entropy(recover_logits(1e4 * w), z.argmax(1)), w)
+    assert saturated.abs().max() == 0 and recovered.abs().max() > 0
 
 
 def test_straight_through_differentiates_the_declared_preprocessing_as_the_identity(trained_model, batch):

@@ -34,6 +34,7 @@ ATTACK_FAILURES = ("iterative_beats_single_step", "white_box_beats_black_box", "
 # the checks that flag an attack failing where a stronger one would not: every remedy answers them
 PROBABILITY_TOLERANCE = 1e-3  # a row of outputs in [0, 1] summing to 1 within this is a probability vector
 TINY = 1e-30                  # log(p) floor for probabilities that underflowed to zero
+LOGIT_STD_CAP = 10.0          # rows of logits spread wider than this are scaled down to it (`recover_logits`)
 
 
 @dataclass
@@ -160,11 +161,14 @@ def probability_rows(out: torch.Tensor) -> torch.Tensor:
 
 def recover_logits(out: torch.Tensor) -> torch.Tensor:
     """Logits from what a model returns (Carlini & Wagner 2017 §8; Carlini et al. 2019 §4.2):
-    the log of rows that are probability vectors, then each row divided by its own standard
-    deviation (held constant in the backward pass), so that neither a softmax nor a huge scale
-    saturates the cross-entropy. The predicted class is unchanged."""
+    the log of rows that are probability vectors, then each row whose standard deviation exceeds
+    `LOGIT_STD_CAP` scaled down to it (the factor held constant in the backward pass), so that
+    neither a softmax nor a huge scale saturates the cross-entropy. Ordinary logits pass unchanged:
+    the cross-entropy an adaptive attack maximizes is then the model's own. (Dividing every row by
+    its standard deviation, as remedies' revision 1 did, is a per-sample temperature that weakened
+    APGD-CE: 64.5% against 56.5% on the shattered digits model.) The predicted class is unchanged."""
     out = torch.where(probability_rows(out)[:, None], out.clamp_min(TINY).log(), out)
-    return out / out.std(1, keepdim=True).detach().clamp_min(TINY)
+    return out / (out.std(1, keepdim=True).detach() / LOGIT_STD_CAP).clamp_min(1.0)
 
 
 class RecoveredLogits(nn.Module):

@@ -61,7 +61,7 @@ class BPDAStraightThrough(Remedy):
     steps, 1 restart, 9 target classes)."""
 
     title = "BPDA straight-through"
-    revision = 2  # 2: the forward pass exactly the model's (1: value + s − s, which rounds)
+    revision = 3  # 3: logits rescaled only where their spread saturates the cross-entropy; 2: forward pass exact
     paper = "Athalye et al. 2018 §4.1"
     answers = ("gradients_nonzero",) + ATTACK_FAILURES
     order = 3
@@ -132,7 +132,7 @@ class BPDAOperators(Remedy):
     that). Defaults: AutoAttack's APGD (100 steps, 1 restart, 9 target classes)."""
 
     title = "BPDA straight-through (operators)"
-    revision = 2  # 2: the forward pass exactly the model's (1: value + s − s, which rounds)
+    revision = 3  # 3: logits rescaled only where their spread saturates the cross-entropy; 2: forward pass exact
     paper = "Athalye et al. 2018 §4.1; Tramèr et al. 2020 §5"
     answers = ("gradients_nonzero",) + ATTACK_FAILURES
     order = 4

@@ -22,9 +22,9 @@ def _zero_gradient(model, x, y) -> torch.Tensor:
 class LogitRecovery(Remedy):
     """Logit recovery and margin losses (Carlini & Wagner 2017, §8: attack the logits, not the
     softmax; Carlini et al. 2019, §4.2; Tramèr et al. 2020, §5.2, whose defenses saturate the
-    softmax; Croce & Hein 2020, DLR). The view takes the log of probability outputs and divides
-    each sample's logits by their standard deviation (logit rescaling: a huge scale no longer
-    underflows the cross-entropy); on it run APGD-CE and APGD-T (from 4 classes), whose targeted DLR loss is
+    softmax; Croce & Hein 2020, DLR). The view takes the log of probability outputs and scales
+    down each sample's logits spread wider than `LOGIT_STD_CAP` (logit rescaling: a huge scale no
+    longer underflows the cross-entropy); on it run APGD-CE and APGD-T (from 4 classes), whose targeted DLR loss is
     invariant to the logits' shift and scale. Applies when the model returns probabilities (more
     than half of the outputs) or when the view has a gradient where the model's cross-entropy has
     none (more than `min_fraction` of the samples). Defaults: AutoAttack's APGD (100 steps, 1
@@ -34,6 +34,7 @@ class LogitRecovery(Remedy):
     paper = "Carlini & Wagner 2017 §8; Tramèr et al. 2020 §5.2; Croce & Hein 2020"
     answers = ("logits_not_probabilities", "gradients_nonzero") + ATTACK_FAILURES
     order = 1
+    revision = 2  # 2: logits rescaled only where their spread saturates the cross-entropy (`recover_logits`)
 
     @dataclass(frozen=True)
     class Config:

@@ -123,6 +123,7 @@ class BPDASecant(Remedy):
     paper = "Athalye et al. 2018 §4.1"
     answers = ("gradients_nonzero",) + ATTACK_FAILURES
     order = 5
+    revision = 2  # 2: logits rescaled only where their spread saturates the cross-entropy (`recover_logits`)
 
     @dataclass(frozen=True)
     class Config:

@@ -116,7 +116,7 @@ class BPDASurrogate(Remedy):
     target classes); the surrogate: small_cnn, 3 rounds of 30 epochs, 8 neighbours per input."""
 
     title = "BPDA surrogate"
-    revision = 2  # 2: the forward pass exactly the model's (1: value + s − s, which rounds)
+    revision = 3  # 3: logits rescaled only where their spread saturates the cross-entropy; 2: forward pass exact
     paper = "Athalye et al. 2018 §4.1; Tramèr et al. 2020 §5.13; Papernot et al. 2017"
     answers = ("gradients_nonzero",) + ATTACK_FAILURES
     order = 6
