@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from bench.core.attack import ATTACKS, Attack
 from bench.core.check import CheckResult
-from bench.core.config import build_config
+from bench.core.config import build_config, require
 from bench.core.data import Dataset
 from bench.core.registry import Registry
 from bench.core.threat import ThreatModel
@@ -131,6 +131,22 @@ class AdaptiveAttack(Attack):
 
     def perturb(self, model, x, y):
         return self.attack(self.remedy.view(model, self.ctx), x, y)
+
+
+@dataclass(frozen=True)
+class APGDBudget:
+    """A remedy's budget for APGD-CE and APGD-T (AutoAttack's defaults: 100 steps, 1 restart, 9
+    target classes); remedies with more settings subclass it."""
+
+    steps: int = 100
+    restarts: int = 1
+    n_target_classes: int = 9
+
+    def __post_init__(self):
+        require(self, at_least_one=("steps", "restarts", "n_target_classes"))
+
+    def apgd_ce_and_t(self, ctx: RemedyContext) -> list[tuple[str, Attack]]:
+        return apgd_pair(ctx, "apgd_t", steps=self.steps, restarts=self.restarts, n_target_classes=self.n_target_classes)
 
 
 def apgd_pair(ctx: RemedyContext, second: str, **params) -> list[tuple[str, Attack]]:

@@ -3,27 +3,12 @@ through the piecewise-constant operators and gradient cuts its forward pass call
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from bench.core.config import require
 from bench.core.models import Preprocessing
-from bench.core.remedy import ATTACK_FAILURES, Remedy, apgd_pair, forward_backward, recover_logits, register_remedy
-
-
-@dataclass(frozen=True)
-class APGDBudget:
-    """Both BPDA remedies' budget: AutoAttack's APGD (steps, restarts, APGD-T's target classes)."""
-
-    steps: int = 100
-    restarts: int = 1
-    n_target_classes: int = 9
-
-    def __post_init__(self):
-        require(self, at_least_one=("steps", "restarts", "n_target_classes"))
+from bench.core.remedy import ATTACK_FAILURES, APGDBudget, Remedy, forward_backward, recover_logits, register_remedy
 
 
 def _straight_through(module: Preprocessing, inputs, output):
@@ -74,8 +59,7 @@ class BPDAStraightThrough(Remedy):
         return "the model declares no non-differentiable preprocessing"
 
     def attacks(self, ctx):
-        c = self.config
-        return apgd_pair(ctx, "apgd_t", steps=c.steps, restarts=c.restarts, n_target_classes=c.n_target_classes)
+        return self.config.apgd_ce_and_t(ctx)
 
     def view(self, model, ctx):
         return StraightThrough(model)
@@ -148,8 +132,7 @@ class BPDAOperators(Remedy):
         return "the forward pass calls no piecewise-constant operator or gradient cut"
 
     def attacks(self, ctx):
-        c = self.config
-        return apgd_pair(ctx, "apgd_t", steps=c.steps, restarts=c.restarts, n_target_classes=c.n_target_classes)
+        return self.config.apgd_ce_and_t(ctx)
 
     def view(self, model, ctx):
         return OperatorStraightThrough(model)

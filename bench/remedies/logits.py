@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.core.config import require
-from bench.core.remedy import ATTACK_FAILURES, RecoveredLogits, Remedy, apgd_pair, probability_rows, register_remedy
+from bench.core.remedy import ATTACK_FAILURES, APGDBudget, RecoveredLogits, Remedy, probability_rows, register_remedy
 
 
 def _zero_gradient(model, x, y) -> torch.Tensor:
@@ -37,14 +37,12 @@ class LogitRecovery(Remedy):
     revision = 2  # 2: logits rescaled only where their spread saturates the cross-entropy (`recover_logits`)
 
     @dataclass(frozen=True)
-    class Config:
-        steps: int = 100
-        restarts: int = 1
-        n_target_classes: int = 9
+    class Config(APGDBudget):
         min_fraction: float = 0.01
 
         def __post_init__(self):
-            require(self, at_least_one=("steps", "restarts", "n_target_classes"), fraction=("min_fraction",))
+            super().__post_init__()
+            require(self, fraction=("min_fraction",))
 
     def applies(self, ctx):
         with torch.no_grad():
@@ -59,8 +57,7 @@ class LogitRecovery(Remedy):
                 f"(needs > {self.config.min_fraction:.0%})")
 
     def attacks(self, ctx):
-        c = self.config
-        return apgd_pair(ctx, "apgd_t", steps=c.steps, restarts=c.restarts, n_target_classes=c.n_target_classes)
+        return self.config.apgd_ce_and_t(ctx)
 
     def view(self, model, ctx):
         return RecoveredLogits(model)

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from bench.core.config import require
-from bench.core.remedy import (ATTACK_FAILURES, Remedy, RemedyContext, apgd_pair, forward_backward, recover_logits,
+from bench.core.remedy import (ATTACK_FAILURES, APGDBudget, Remedy, RemedyContext, forward_backward, recover_logits,
                                register_remedy)
 
 TINY = 1e-12
@@ -126,17 +126,14 @@ class BPDASecant(Remedy):
     revision = 2  # 2: logits rescaled only where their spread saturates the cross-entropy (`recover_logits`)
 
     @dataclass(frozen=True)
-    class Config:
-        steps: int = 100
-        restarts: int = 1
-        n_target_classes: int = 9
+    class Config(APGDBudget):
         probe_samples: int = 32
         scale: float = 0.05
         min_ratio: float = 0.5
 
         def __post_init__(self):
-            require(self, at_least_one=("steps", "restarts", "n_target_classes", "probe_samples"),
-                    positive=("scale", "min_ratio"))
+            super().__post_init__()
+            require(self, at_least_one=("probe_samples",), positive=("scale", "min_ratio"))
 
     def layers(self, ctx: RemedyContext) -> list[Layer]:
         """The model's elementwise layers with a misleading derivative (probed once per checkpoint)."""
@@ -156,8 +153,7 @@ class BPDASecant(Remedy):
                 f"{len(probed)} layer(s), needs >= {c.min_ratio:g})")
 
     def attacks(self, ctx):
-        c = self.config
-        return apgd_pair(ctx, "apgd_t", steps=c.steps, restarts=c.restarts, n_target_classes=c.n_target_classes)
+        return self.config.apgd_ce_and_t(ctx)
 
     def view(self, model, ctx):
         return SecantBPDA(model, self.layers(ctx))

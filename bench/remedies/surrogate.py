@@ -15,7 +15,7 @@ from bench.adversary.pgd import pgd
 from bench.core.attack import ATTACKS
 from bench.core.config import require
 from bench.core.models import build_model, eval_mode
-from bench.core.remedy import (ATTACK_FAILURES, Remedy, RemedyContext, apgd_pair, forward_backward, probability_rows,
+from bench.core.remedy import (ATTACK_FAILURES, APGDBudget, Remedy, RemedyContext, forward_backward, probability_rows,
                                recover_logits, register_remedy)
 from bench.core.rng import fork_rng
 
@@ -122,18 +122,13 @@ class BPDASurrogate(Remedy):
     order = 6
 
     @dataclass(frozen=True)
-    class Config(Distillation):
-        steps: int = 100
-        restarts: int = 1
-        n_target_classes: int = 9
-
+    class Config(Distillation, APGDBudget):
         def __post_init__(self):
-            super().__post_init__()
-            require(self, at_least_one=("steps", "restarts", "n_target_classes"))
+            Distillation.__post_init__(self)
+            APGDBudget.__post_init__(self)
 
     def attacks(self, ctx):
-        c = self.config
-        return apgd_pair(ctx, "apgd_t", steps=c.steps, restarts=c.restarts, n_target_classes=c.n_target_classes)
+        return self.config.apgd_ce_and_t(ctx)
 
     def view(self, model, ctx):
         return Hybrid(model, surrogate_of(model, ctx, _distillation(self.config)))
