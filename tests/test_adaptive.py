@@ -109,6 +109,7 @@ def test_a_suite_runs_the_adaptive_stage_as_one_job_per_checkpoint(tmp_path, mon
         assert main(["run", "--suite", str(suite), "--device", "cpu", "--no-report"]) == 0
         out = capsys.readouterr().out
         assert "nothing to do" not in out
+        assert len(re.findall(r"^\[job \d+\] checks ", out, re.M)) == 7, out  # downstream of the new results
         with sqlite3.connect(tmp_path / "results.db") as db:
             count = {r: dict(db.execute("SELECT role, COUNT(*) FROM evaluations WHERE attack = 'fgsm' AND "
                                         "implementation LIKE ? GROUP BY role", (f"% r{r}",)).fetchall()) for r in (1, 7)}

@@ -390,3 +390,37 @@ def test_an_attack_failing_midway_keeps_earlier_evaluations(store, checkpoint, d
     for r in after.values():  # the others were redone under force, each complete
         assert [i for i, _, _ in r["samples"]] == list(range(N_TEST))
     assert count(store, SampleResult) == 4 * N_TEST
+
+
+# --------------------------------------------------------------------------- randomized models' verdicts
+
+class _Coin(torch.nn.Module):
+    """Predicts class 0 with probability 0.7 on each pass, per sample."""
+
+    def forward(self, x):
+        coin = torch.rand(len(x)) < 0.7
+        return torch.stack([coin.float(), (~coin).float()], 1)
+
+
+def test_a_randomized_model_is_judged_by_the_plurality_of_its_draws():
+    """Single draws ANDed over five evaluations keep 0.7^5 ≈ 17% of the samples; the plurality of
+    9 draws (class 0 with probability P(Bin(9, 0.7) ≥ 5) ≈ 0.90) keeps about 0.9^5 ≈ 59%."""
+    torch.manual_seed(0)
+    model, x, y = _Coin(), torch.zeros(2000, 1), torch.zeros(2000, dtype=torch.long)
+    single = torch.stack([evaluation.verdict(model, x)[1] == y for _ in range(5)]).all(0).float().mean()
+    plural = torch.stack([evaluation.verdict(model, x, 9)[1] == y for _ in range(5)]).all(0).float().mean()
+    assert single < 0.22 and 0.52 < plural < 0.66, (single, plural)
+    deterministic = torch.nn.Linear(1, 2)
+    assert torch.equal(evaluation.verdict(deterministic, x, 1)[0], deterministic(x))
+
+
+def test_verdict_draws_tell_randomized_models_and_enter_their_identity(synthetic, trained_model, tmp_path):
+    from bench.core.planted import BatchRandom, NoisyInput
+
+    device = torch.device("cpu")
+    assert evaluation.verdict_draws(trained_model, synthetic, device) == 1
+    assert evaluation.verdict_draws(NoisyInput(trained_model), synthetic, device) == evaluation.VERDICT_DRAWS
+    assert evaluation.verdict_draws(BatchRandom(trained_model), synthetic, device) == evaluation.VERDICT_DRAWS
+    hash_of = evaluation.Evaluator.config_hash
+    assert hash_of("pgd", {"eps": 0.1}, "atbench r2") == hash_of("pgd", {"eps": 0.1}, "atbench r2", 1)
+    assert hash_of("pgd", {"eps": 0.1}, "atbench r2") != hash_of("pgd", {"eps": 0.1}, "atbench r2", 9)

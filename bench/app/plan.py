@@ -12,9 +12,10 @@ its `setup` with a recording `Pretrained` that returns untrained models (an atta
 likewise), so the plan knows them without training anything. The keys hold the code that makes
 each result: a train job's run id hashes the defense's and the trainer's revisions, an evaluate or
 curves job holds its attacks' implementation and revision (`code_identity`), a checks job the
-registered checks' revisions, an adaptive job those and the remedies'. A changed attack, check or
-remedy thus makes new jobs, and the next `bench run` recomputes what it changed (what did not
-change is found stored, by its identity, and not recomputed).
+registered checks' revisions and its inputs' keys, an adaptive job those, its checks job's key and
+the remedies' revisions. A changed attack, check or remedy thus makes new jobs downstream of it,
+and the next `bench run` recomputes what it changed (what did not change is found stored, by its
+identity, and not recomputed).
 """
 
 from __future__ import annotations
@@ -161,13 +162,14 @@ def plan_suite(suite: Suite, data: Dataset, reports: str | None = None) -> list[
             evals.append(key)
         if suite.evaluation.sanity:
             # the checks' (and remedies') revisions are part of the jobs: a new or changed one is a new job
-            payload = {**target, **settings, "checks": check_revisions()}
+            # and their inputs' keys: recomputed upstream results make the checks (and remedies) run again
+            payload = {**target, **settings, "checks": check_revisions(), "inputs": _digest(sorted(evals))}
             key = f"checks:{run.run_id}:{kind}:{_digest(payload)}"
             jobs[key] = JobSpec(key, "checks", PRIORITY["checks"], payload, tuple(evals))
             checks.append(key)
             if suite.adaptive is not None:
-                payload = {**target, **settings, "checks": check_revisions(), "adaptive": asdict(suite.adaptive),
-                           "remedies": remedy_revisions()}
+                payload = {**target, **settings, "checks": check_revisions(), "inputs": key,
+                           "adaptive": asdict(suite.adaptive), "remedies": remedy_revisions()}
                 adaptive = f"adaptive:{run.run_id}:{kind}:{_digest(payload)}"
                 jobs[adaptive] = JobSpec(adaptive, "adaptive", PRIORITY["adaptive"], payload, (key,))
                 checks.append(adaptive)

@@ -35,7 +35,7 @@ from bench.engine.adaptive import AdaptiveSettings, run_adaptive
 from bench.engine.adaptive import revisions as remedy_revisions
 from bench.engine.checkpoint import load_model, plant, sha256_file, stored_path
 from bench.engine.curves import CurveSettings, compute_curves
-from bench.engine.evaluation import CLEAN, AttackSpec, Evaluator, sample_digest
+from bench.engine.evaluation import CLEAN, AttackSpec, Evaluator, sample_digest, verdict_draws
 from bench.engine.fastpath import FastPath
 from bench.engine.provenance import provenance
 from bench.engine.sanity import run_checks
@@ -62,6 +62,7 @@ class Worker:
     fast: FastPath | None = None  # None: the device's defaults
     owner: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}")
     _datasets: dict = field(default_factory=dict)
+    _draws: dict = field(default_factory=dict)
 
     def dataset(self, name: str, options: dict) -> Dataset:
         """The dataset, loaded once per worker."""
@@ -76,6 +77,16 @@ class Worker:
 
     def checkpoint(self, run_id: str, kind: str) -> Path:
         return self.checkpoint_root / run_id / f"{kind}.pt"
+
+    def verdict_draws(self, path: Path, data: Dataset) -> int:
+        """`bench.engine.evaluation.verdict_draws` of a checkpoint, measured once per worker."""
+        key = (str(path), json.dumps([data.name, data.options], sort_keys=True))
+        if key not in self._draws:
+            model, _ = load_model(path)
+            fast = FastPath.default(self.device) if self.fast is None else self.fast
+            with fast.backends(self.device):
+                self._draws[key] = verdict_draws(model.to(self.device), data, self.device)
+        return self._draws[key]
 
     def evaluator(self, job: Job) -> Evaluator:
         p = job.payload
@@ -220,9 +231,11 @@ def _evaluate_stored(w: Worker, job: Job) -> bool:
         return False
     attack = None if p["attack"] == CLEAN else AttackSpec(p["label"], p["attack"], p["params"]).build()
     data = w.dataset(p["dataset"], p["dataset_options"])
+    draws = w.verdict_draws(w.checkpoint(p["run_id"], p["kind"]), data)
     row = w.store.find_evaluation(
         slot.checkpoint_id, p["attack"],
-        Evaluator.config_hash(p["attack"], attack.params() if attack else {}, attack.implementation_id if attack else "atbench"),
+        Evaluator.config_hash(p["attack"], attack.params() if attack else {},
+                              attack.implementation_id if attack else "atbench", draws),
         sample_digest(data, eval_indices(len(data.test_x), p["n_samples"])), p["seed"])
     return row is not None and row.role == "attack" and row.label == p["label"]
 
@@ -236,9 +249,10 @@ def _curves_stored(w: Worker, job: Job) -> bool:
     digest = sample_digest(data, eval_indices(len(data.test_x), settings.n_samples))
     curves = w.store.curves_on(slot.checkpoint_id, digest, p["seed"])
     sizes = {"steps:pgd": len(set(settings.steps)), "restarts:pgd": len(set(settings.restarts))}
-    code = {name: c.get("code") for name, c in w.store.curve_configs(slot.checkpoint_id, digest, p["seed"]).items()}
+    configs = w.store.curve_configs(slot.checkpoint_id, digest, p["seed"]).values()
+    draws = w.verdict_draws(w.checkpoint(p["run_id"], p["kind"]), data)
     return len(curves) == 4 and all(len(curves[name]) == n for name, n in sizes.items()) \
-        and all(c == p["code"] for c in code.values())  # made by the attacks' current code
+        and all(c.get("code") == p["code"] and c.get("verdict_draws", 1) == draws for c in configs)  # current code
 
 
 def _checks_stored(w: Worker, job: Job) -> bool:

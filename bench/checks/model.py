@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from bench.adversary.losses import margin_loss
 from bench.core.check import Check, CheckResult, not_run, register_check
+from bench.core.randomness import EXACT, PASSES, output_changes
 
 
 @register_check("logits_not_probabilities")
@@ -28,17 +29,13 @@ class LogitsNotProbabilities(Check):
                            {"n": len(out), "min": out.min().item(), "max": out.max().item()})
 
 
-PASSES = 8                  # forward passes over the samples in `deterministic_outputs` ...
-SPLITS = (1, 2, 4, 8)       # ... pass j cut into SPLITS[j mod 4] batches: 30 forward calls in all
-CHANGED, EXACT = 1e-3, 1e-5  # relative change of the logits that is randomness; that identical passes may not reach
-
-
 @register_check("deterministic_outputs")
 class DeterministicOutputs(Check):
     """Outputs are deterministic in eval mode (Athalye et al. 2018, §4.3 randomized defenses):
     8 forward passes of the same inputs, each cut into 1, 2, 4 or 8 batches (30 forward calls),
-    compared sample by sample with the first. Randomness defeats gradient attacks without
-    robustness; evaluate such a model with EOT (remedy `eot`, AutoAttack's version "rand").
+    compared sample by sample with the first (`bench.core.randomness`). Randomness defeats gradient
+    attacks without robustness; evaluate such a model with EOT (remedy `eot`, AutoAttack's version
+    "rand"). The evaluator judges such a model's points by the plurality of several draws.
 
     Fails when a logit moves by more than 1e-3 of the largest logit between passes, or a
     prediction changes with a move above 1e-5; warns when two passes batched alike differ by more
@@ -57,21 +54,11 @@ class DeterministicOutputs(Check):
     revision = 2  # 2: 8 passes in 1-8 batches, per-sample and per-batch evidence (1: two identical passes)
 
     def run(self, ctx):
-        n = len(ctx.x)
-        with torch.no_grad():
-            passes = [(k, [ctx.model(b) for b in ctx.x.tensor_split(k)])
-                      for k in (min(SPLITS[j % len(SPLITS)], n) for j in range(PASSES))]
-        first = torch.cat(passes[0][1])
-        scale = first.abs().amax().clamp_min(1e-12)
-        moved = torch.stack([(torch.cat(out) - first).abs().amax(1) / scale for _, out in passes])  # (passes, n)
-        exact = max((moved[j].max().item() for j, (k, _) in enumerate(passes) if k == passes[0][0]), default=0.0)
-        relative = moved.max().item()
-        flipped = torch.stack([torch.cat(out).argmax(1) != first.argmax(1) for _, out in passes]).any(0)
-        changed_samples = (moved > CHANGED).any(0) | (flipped & (moved > EXACT).any(0))
-        calls = [(moved[j][idx] > CHANGED).any().item() for j, (k, _) in enumerate(passes)
-                 for idx in torch.arange(n, device=moved.device).tensor_split(k)]
+        changes = output_changes(ctx.model, ctx.x)
+        changed_samples, flipped, calls = changes.samples, changes.flipped, changes.calls
+        relative, exact = changes.relative, changes.exact
         fraction = changed_samples.float().mean().item()
-        status = "fail" if changed_samples.any() else "warn" if exact > EXACT else "pass"
+        status = "fail" if changes.random else "warn" if exact > EXACT else "pass"
         return CheckResult(status, relative, EXACT,
                            f"{PASSES} passes ({len(calls)} forward calls): largest relative change of the logits "
                            f"{relative:.2g}; {fraction:.1%} of the samples changed (prediction: "

@@ -34,7 +34,7 @@ from bench.core.models import eval_mode
 from bench.core.rng import batch_seed, fork_rng
 from bench.core.threat import ThreatModel
 from bench.engine.counting import count_passes
-from bench.engine.evaluation import CLEAN, AttackResult, Evaluator, SampleSet, thin
+from bench.engine.evaluation import CLEAN, AttackResult, Evaluator, SampleSet, thin, verdict
 from bench.engine.evaluation import code_identity as evaluation_identity
 from bench.engine.provenance import provenance
 
@@ -182,8 +182,8 @@ def _trajectory(evaluator: Evaluator, samples: SampleSet, attacks: dict[int, Att
             def after_step(t, x_t):
                 if t in attacks:
                     with torch.no_grad():
-                        logits = model(x_t)
-                    recorder.record(t, logits, y, logits.argmax(1) == y)
+                        logits, predicted = verdict(model, x_t, evaluator.draws)
+                    recorder.record(t, logits, y, predicted == y)
 
             x_adv = pgd(model, x, lambda z: ce_loss(z, y), eps=threat.eps, norm=threat.norm, steps=total,
                         step_size=step_size, x_init=random_start(x, threat.norm, threat.eps),
@@ -239,7 +239,11 @@ def _restarts(evaluator: Evaluator, samples: SampleSet, attacks: dict[int, Attac
             def after_restart(r, best, fooled):
                 if r in attacks:
                     with torch.no_grad():
-                        recorder.record(r, model(best), y, ~fooled)
+                        if evaluator.draws == 1:
+                            recorder.record(r, model(best), y, ~fooled)
+                        else:  # a randomized model: the points judged as run_attack judges them
+                            logits, predicted = verdict(model, best, evaluator.draws)
+                            recorder.record(r, logits, y, predicted == y)
 
             best_of_restarts(model, x, y, run, total, after_restart)
             counter.forward = counter.backward = 0
@@ -250,5 +254,6 @@ def _save_curve(evaluator: Evaluator, name: str, x_label: str, samples: SampleSe
     """Create or update the curve row and point it at these evaluations."""
     return evaluator.store.save_curve(evaluator.checkpoint_id, name, x_label, samples.digest, evaluator.seed, points,
                                       provenance(evaluator.device, {"curve": name, "checkpoint": evaluator.checkpoint,
-                                                                    "code": code_identity(evaluator.threat)},
+                                                                    "code": code_identity(evaluator.threat),
+                                                                    "verdict_draws": evaluator.draws},
                                                  evaluator.seed))

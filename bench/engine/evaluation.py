@@ -31,6 +31,7 @@ from bench.core.attack import ATTACKS, Attack, EvalContext
 from bench.core.data import Dataset, eval_indices
 from bench.core.errors import BenchError
 from bench.core.models import eval_mode
+from bench.core.randomness import output_changes
 from bench.core.rng import batch_seed, fork_rng
 from bench.core.threat import BALL_TOLERANCE, ThreatModel, perturbation_norms
 from bench.engine.checkpoint import stored_path
@@ -45,6 +46,8 @@ from bench.store.schema import EXAMPLES_PER_EVALUATION, AdversarialExample, Eval
 
 CLEAN = "clean"
 PROTOCOL = 2  # 2: per-batch seeding. Part of every evaluation's identity: bump it when results change.
+VERDICT_DRAWS = 9   # forward passes whose plurality is a randomized model's verdict on a point
+VERDICT_PROBE = 16  # evaluation samples on which the evaluator looks for randomness (`verdict_draws`)
 TRACE_POINTS = 200  # a stored loss trace is thinned to at most this many points
 CPU_BATCH = 256         # "auto" on the CPU
 MAX_AUTO_BATCH = 2000   # "auto" on CUDA: at most this, in multiples of 100 ...
@@ -66,10 +69,11 @@ class AttackSpec:
 
 def code_identity(attack: Attack | None) -> dict:
     """What identifies an attack's evaluations besides its parameters, samples and seed: its
-    implementation and revision, the adversary library's revision and the protocol (None: clean).
+    implementation and revision, the adversary library's revision and the protocol (None: clean),
+    and how randomized models are judged (the draws of `verdict`).
     A suite's evaluate and curves jobs hold it, so the next `bench run` recomputes what changed."""
     return {"implementation": None if attack is None else attack.implementation_id,
-            "adversary": adversary.REVISION, "protocol": PROTOCOL}
+            "adversary": adversary.REVISION, "protocol": PROTOCOL, "randomized_verdicts": VERDICT_DRAWS}
 
 
 @dataclass
@@ -145,11 +149,34 @@ def sample_digest(data: Dataset, indices: Sequence[int]) -> str:
     return digest([data.name, data.options, list(indices)])
 
 
+def verdict_draws(model: nn.Module, data: Dataset, device: torch.device) -> int:
+    """How many forward passes judge a point: 1 for a deterministic model, VERDICT_DRAWS for one
+    whose outputs change between passes (`bench.core.randomness`, on the first VERDICT_PROBE
+    evaluation samples). One pass of a randomized model is one draw, and the worst case is a
+    per-sample AND over attacks: single-draw verdicts would make it fall with every attack added
+    (digits `batch_random`: 60.0% of PGD-100's points judged once, 44.5% under the AND of ten)."""
+    idx = torch.tensor(eval_indices(len(data.test_x), VERDICT_PROBE), dtype=torch.long)
+    with fork_rng(device), eval_mode(model):
+        return VERDICT_DRAWS if output_changes(model, data.test_x[idx].to(device)).random else 1
+
+
+def verdict(model: nn.Module, x: torch.Tensor, draws: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's outputs and predicted classes at `x`: one pass, or the plurality class of
+    `draws` passes (ties to the lower class index) with their mean outputs (a randomized model's
+    most likely prediction)."""
+    if draws == 1:
+        out = model(x)
+        return out, out.argmax(1)
+    outs = torch.stack([model(x) for _ in range(draws)])
+    votes = F.one_hot(outs.argmax(2), outs.shape[2]).sum(0)
+    return outs.mean(0), votes.argmax(1)
+
+
 def run_attack(model: nn.Module, attack: Attack | None, x: torch.Tensor, y: torch.Tensor,
-               batch_size: int, seed: int | None = None, keep_fooled: int = 0) -> AttackResult:
+               batch_size: int, seed: int | None = None, keep_fooled: int = 0, draws: int = 1) -> AttackResult:
     """Per-sample results under `attack` (None: clean), with the attack's forward/backward passes
     and seconds, and the images of the first `keep_fooled` samples it fooled; with `seed`, each
-    batch reseeds the global RNG (`batch_seed`). Checks every
+    batch reseeds the global RNG (`batch_seed`); each point judged by `verdict` with `draws`. Checks every
     returned point lies in [0, 1] and (unless the attack is minimum-norm) in the eps ball: an
     attack that leaves its threat model is a bug, not a result."""
     correct, norms, losses, ever, traces, kept = [], [], [], [], [], []
@@ -166,8 +193,8 @@ def run_attack(model: nn.Module, attack: Attack | None, x: torch.Tensor, y: torc
             else:
                 xa, trace = xb, []
             with torch.no_grad():
-                logits = model(xa)
-            ok = logits.argmax(1) == yb
+                logits, predicted = verdict(model, xa, draws)
+            ok = predicted == yb
             if attack is not None:
                 dist = perturbation_norms(xa, xb, attack.config.norm)
                 outside = dist > attack.config.eps + BALL_TOLERANCE
@@ -189,7 +216,7 @@ def run_attack(model: nn.Module, attack: Attack | None, x: torch.Tensor, y: torc
                     traces.append([step.loss.mean().item() for step in trace
                                    if step.index is None and step.loss is not None])
                 for k in (~ok).nonzero().flatten().tolist()[:keep_fooled - len(kept)]:
-                    kept.append(FooledSample(i + k, xb[k].cpu(), xa[k].cpu(), int(yb[k]), int(logits[k].argmax())))
+                    kept.append(FooledSample(i + k, xb[k].cpu(), xa[k].cpu(), int(yb[k]), int(predicted[k])))
             correct.append(ok.cpu())
             losses.append(F.cross_entropy(logits, yb, reduction="none").cpu())
         seconds = time.perf_counter() - start
@@ -269,6 +296,8 @@ class Evaluator:
             self.model.to(memory_format=torch.channels_last)
         self.batch_size = auto_batch_size(self.model, data.input_shape, self.device) \
             if check_batch_size(batch_size, "batch_size") == "auto" else batch_size
+        with self.fast.backends(self.device):
+            self.draws = verdict_draws(self.model, data, self.device)
         self.checkpoint_id = store.register_checkpoint(
             subject.sha256, stored_path(self.checkpoint, checkpoint_root) if Path(self.checkpoint).is_file()
             else self.checkpoint, provenance(self.device, {"checkpoint": self.checkpoint, **subject.info}, seed))
@@ -286,7 +315,8 @@ class Evaluator:
     def settings(self) -> dict:
         """What decides this evaluator's results besides the identity (provenance): batch and precision."""
         return {"batch_size": self.batch_size, "precision": self.fast.precision,
-                "channels_last": self.fast.channels_last, "cudnn_benchmark": self.fast.cudnn_benchmark}
+                "channels_last": self.fast.channels_last, "cudnn_benchmark": self.fast.cudnn_benchmark,
+                "verdict_draws": self.draws}
 
     @property
     def computed(self) -> int:
@@ -303,13 +333,16 @@ class Evaluator:
                          self.data.test_x[idx].to(self.device), self.data.test_y[idx].to(self.device))
 
     @staticmethod
-    def config_hash(attack_name: str, params: dict, implementation: str) -> str:
+    def config_hash(attack_name: str, params: dict, implementation: str, draws: int = 1) -> str:
+        """The evaluation's identity besides checkpoint, samples and seed; a randomized model's
+        plurality verdicts (`draws` > 1) are part of it."""
+        plurality = {"verdict_draws": draws} if draws > 1 else {}
         return digest({"attack": attack_name, "params": params, "implementation": implementation,
-                       "adversary": adversary.REVISION, "protocol": PROTOCOL})
+                       "adversary": adversary.REVISION, "protocol": PROTOCOL, **plurality})
 
     def find(self, attack_name: str, params: dict, implementation: str, samples: SampleSet) -> Evaluation | None:
         return self.store.find_evaluation(self.checkpoint_id, attack_name,
-                                          self.config_hash(attack_name, params, implementation), samples.digest,
+                                          self.config_hash(attack_name, params, implementation, self.draws), samples.digest,
                                           self.seed)
 
     def prepare(self, attack: Attack) -> None:
@@ -335,7 +368,8 @@ class Evaluator:
             self.prepare(attack)
         keep = EXAMPLES_PER_EVALUATION if role == "attack" else 0
         with fork_rng(self.device), self.backends():
-            result = run_attack(self.model, attack, samples.x, samples.y, self.batch_size, self.seed, keep_fooled=keep)
+            result = run_attack(self.model, attack, samples.x, samples.y, self.batch_size, self.seed, keep_fooled=keep,
+                                draws=self.draws)
         diagnostics = {}
         if attack is not None:
             diagnostics = _diagnostics(result, samples, attack)
@@ -354,7 +388,7 @@ class Evaluator:
         row = Evaluation(checkpoint_id=self.checkpoint_id, label=label, attack=attack_name,
                          norm=threat.norm if threat else None, eps=threat.eps if threat else None,
                          threat=threat.key if threat else None,
-                         config_hash=self.config_hash(attack_name, params, implementation),
+                         config_hash=self.config_hash(attack_name, params, implementation, self.draws),
                          indices_hash=samples.digest, dataset=self.data.name, n_samples=len(samples),
                          n_correct=int(result.correct.sum()), robust_acc=float(result.correct.float().mean()),
                          forward_passes=result.forward, backward_passes=result.backward, seconds=result.seconds,
