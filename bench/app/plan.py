@@ -168,7 +168,7 @@ def plan_suite(suite: Suite, data: Dataset, reports: str | None = None) -> list[
             jobs[key] = JobSpec(key, "checks", PRIORITY["checks"], payload, tuple(evals))
             checks.append(key)
             if suite.adaptive is not None:
-                payload = {**target, **settings, "checks": check_revisions(), "inputs": key,
+                payload = {**target, **settings, "inputs": key,  # the checks job's key holds the checks' revisions
                            "adaptive": asdict(suite.adaptive), "remedies": remedy_revisions()}
                 adaptive = f"adaptive:{run.run_id}:{kind}:{_digest(payload)}"
                 jobs[adaptive] = JobSpec(adaptive, "adaptive", PRIORITY["adaptive"], payload, (key,))

@@ -93,7 +93,8 @@ class Worker:
         return Evaluator(self.store, self.checkpoint(p["run_id"], p["kind"]), self.dataset(p["dataset"], p["dataset_options"]),
                          seed=p["seed"], batch_size=p["batch_size"], device=self.device, force=job.force,
                          checkpoint_root=self.checkpoint_root, log=self.log if self.progress else lambda _: None,
-                         fast=self.fast)
+                         fast=self.fast, draws=self.verdict_draws(self.checkpoint(p["run_id"], p["kind"]),
+                                                                  self.dataset(p["dataset"], p["dataset_options"])))
 
     # ------------------------------------------------------------------ running jobs
 
@@ -249,10 +250,9 @@ def _curves_stored(w: Worker, job: Job) -> bool:
     digest = sample_digest(data, eval_indices(len(data.test_x), settings.n_samples))
     curves = w.store.curves_on(slot.checkpoint_id, digest, p["seed"])
     sizes = {"steps:pgd": len(set(settings.steps)), "restarts:pgd": len(set(settings.restarts))}
-    configs = w.store.curve_configs(slot.checkpoint_id, digest, p["seed"]).values()
     draws = w.verdict_draws(w.checkpoint(p["run_id"], p["kind"]), data)
-    return len(curves) == 4 and all(len(curves[name]) == n for name, n in sizes.items()) \
-        and all(c.get("code") == p["code"] and c.get("verdict_draws", 1) == draws for c in configs)  # current code
+    return len(curves) == 4 and all(len(curves[name][0]) == n for name, n in sizes.items()) \
+        and all(c.get("code") == p["code"] and c.get("verdict_draws", 1) == draws for _, c in curves.values())
 
 
 def _checks_stored(w: Worker, job: Job) -> bool:

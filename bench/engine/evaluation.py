@@ -275,12 +275,13 @@ def thin(values: Sequence[float], points: int = TRACE_POINTS) -> list[float]:
 class Evaluator:
     """Evaluations of one model (a `Subject`, or the path of a checkpoint file) on its dataset:
     finds stored ones, runs and stores new ones. Its checkpoint is registered in the store by its
-    sha256 (`checkpoint_id`)."""
+    sha256 (`checkpoint_id`). `draws`: the passes that judge a point (`verdict_draws`, measured
+    here unless given)."""
 
     def __init__(self, store: Store, subject: Subject | str | Path, data: Dataset, *, seed: int = 0,
                  batch_size: int | str = "auto", device: torch.device | str = "cpu", force: bool = False,
                  checkpoint_root: str | Path = "checkpoints", log: Callable[[str], None] = print,
-                 fast: FastPath | None = None):
+                 fast: FastPath | None = None, draws: int | None = None):
         if not isinstance(subject, Subject):
             subject = Subject.from_checkpoint(subject)
         self.store, self.checkpoint, self.data, self.seed = store, subject.path, data, seed
@@ -296,8 +297,10 @@ class Evaluator:
             self.model.to(memory_format=torch.channels_last)
         self.batch_size = auto_batch_size(self.model, data.input_shape, self.device) \
             if check_batch_size(batch_size, "batch_size") == "auto" else batch_size
-        with self.fast.backends(self.device):
-            self.draws = verdict_draws(self.model, data, self.device)
+        if draws is None:  # a worker passes the draws it measured once per checkpoint
+            with self.fast.backends(self.device):
+                draws = verdict_draws(self.model, data, self.device)
+        self.draws = draws
         self.checkpoint_id = store.register_checkpoint(
             subject.sha256, stored_path(self.checkpoint, checkpoint_root) if Path(self.checkpoint).is_file()
             else self.checkpoint, provenance(self.device, {"checkpoint": self.checkpoint, **subject.info}, seed))

@@ -367,17 +367,14 @@ class Store:
             return {c.name: [(p.x, p.evaluation_id) for p in c.points] for c in s.scalars(select(Curve).where(
                 Curve.checkpoint_id == checkpoint_id, Curve.seed == seed, Curve.indices_hash == widest))}
 
-    def curves_on(self, checkpoint_id: int, indices_hash: str, seed: int) -> dict[str, list[tuple[float, int]]]:
-        """{curve name: [(x, evaluation id)]} of the checkpoint on one sample set and seed."""
+    def curves_on(self, checkpoint_id: int, indices_hash: str, seed: int
+                  ) -> dict[str, tuple[list[tuple[float, int]], dict]]:
+        """{curve name: ([(x, evaluation id)], its stored config)} of the checkpoint on one sample
+        set and seed."""
         with self.session() as s:
-            return {c.name: [(p.x, p.evaluation_id) for p in c.points] for c in s.scalars(select(Curve).where(
-                Curve.checkpoint_id == checkpoint_id, Curve.seed == seed, Curve.indices_hash == indices_hash))}
-
-    def curve_configs(self, checkpoint_id: int, indices_hash: str, seed: int) -> dict[str, dict]:
-        """{curve name: its stored config} of the checkpoint on one sample set and seed."""
-        with self.session() as s:
-            return {c.name: c.config or {} for c in s.scalars(select(Curve).where(
-                Curve.checkpoint_id == checkpoint_id, Curve.seed == seed, Curve.indices_hash == indices_hash))}
+            return {c.name: ([(p.x, p.evaluation_id) for p in c.points], c.config or {}) for c in s.scalars(
+                select(Curve).where(Curve.checkpoint_id == checkpoint_id, Curve.seed == seed,
+                                    Curve.indices_hash == indices_hash))}
 
     # ------------------------------------------------------------------ sanity checks
 
